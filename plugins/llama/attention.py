@@ -1,0 +1,68 @@
+"""Llama attention: multi-head causal self-attention with rotary positions (RoPE).
+
+    q, k, v = Wq x, Wk x, Wv x            split into H heads of size D/H
+    q, k    = rope(q, pos), rope(k, pos)  pos counts from the cached length
+    out     = Wo softmax(q k^T / sqrt(d) + causal mask) v
+
+The recurrent state is a KV cache ``(k, v)`` of shape (B, H, T_cached, D/H) each.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.hookspecs import MixerArgs
+
+KVCache = tuple[Tensor, Tensor]
+
+
+def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (B, H, T, d) by angle pos * theta^(-2i/d)."""
+    d = x.shape[-1]
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None]  # (T, d/2)
+    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, args: MixerArgs) -> None:
+        super().__init__()
+        self.n_heads = int(args.options["n_heads"])
+        if args.dim % self.n_heads:
+            raise ValueError(f"llama: dim {args.dim} is not divisible by model.mixer.n_heads {self.n_heads}")
+        self.head_dim = args.dim // self.n_heads
+        self.rope_theta = float(args.options["rope_theta"])
+        self.wqkv = nn.Linear(args.dim, 3 * args.dim, bias=False)
+        self.wo = nn.Linear(args.dim, args.dim, bias=False)
+        self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
+
+    def forward(self, x: Tensor, state: KVCache | None = None, *, return_state: bool = False) -> Any:
+        bsz, seqlen, dim = x.shape
+        q, k, v = self.wqkv(x).view(bsz, seqlen, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        past = 0 if state is None else state[0].shape[2]
+        pos = torch.arange(past, past + seqlen, device=x.device)
+        q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        if state is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        else:
+            k = torch.cat([state[0].to(k.dtype), k], dim=2)
+            v = torch.cat([state[1].to(v.dtype), v], dim=2)
+            mask = torch.ones(seqlen, past + seqlen, dtype=torch.bool, device=x.device).tril(past)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim))
+        return (out, (k, v)) if return_state else out
+
+    def step(self, x: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
+        out, state = self.forward(x.unsqueeze(1), state, return_state=True)
+        return out.squeeze(1), state
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.wqkv.weight, std=0.02)
+        nn.init.trunc_normal_(self.wo.weight, std=self.out_std)

@@ -1,0 +1,100 @@
+"""The Mamba-style block shared by Longhorn and Mamba.
+
+    x, z   = in_proj(u).chunk(2)                  # (B, T, E) each, E = expand * D
+    x      = SiLU(causal_depthwise_conv1d(x))     # kernel conv_kernel
+    dt_low, k, q = x_proj(x).split(R, N, N)       # k, q shared by all E channels
+    dt     = dt_proj(dt_low)                      # (B, T, E), bias included
+    y, h   = scan(x, dt, k, q, D, z, h0)          # the subclass's recurrence, gate fused
+    out    = out_proj(y)
+
+The recurrent state is ``(conv_state, ssm_state)``: the last ``conv_kernel - 1``
+conv inputs (B, E, K-1) and the scan state (B, E, N) in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from trainer.hookspecs import MixerArgs
+
+State = tuple[Tensor, Tensor]
+
+
+class SelectiveBlock(nn.Module):
+    """Base class; subclasses supply the scan (:meth:`scan`, :meth:`scan_step`) and dt bias init."""
+
+    def __init__(self, args: MixerArgs) -> None:
+        super().__init__()
+        o = args.options
+        self.dim = args.dim
+        self.d_state = int(o["d_state"])
+        self.d_inner = int(o["expand"]) * args.dim
+        self.conv_kernel = int(o["conv_kernel"])
+        self.dt_rank = int(o["dt_rank"]) or math.ceil(args.dim / 16)
+        self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
+        self.in_proj = nn.Linear(args.dim, 2 * self.d_inner, bias=False)
+        self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.conv_kernel, groups=self.d_inner, bias=True)
+        self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
+        self.dt_proj = nn.Linear(self.dt_rank, self.d_inner, bias=True)
+        self.D = nn.Parameter(torch.empty(self.d_inner))
+        self.out_proj = nn.Linear(self.d_inner, args.dim, bias=False)
+
+    # -- what subclasses define -------------------------------------------------
+    def scan(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
+             initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def scan_step(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
+                  state: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def init_dt_bias(self) -> None:
+        raise NotImplementedError
+
+    # -- shared ---------------------------------------------------------------
+    def _project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        dt_low, k, q = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        return self.dt_proj(dt_low), k, q
+
+    def forward(self, u: Tensor, state: State | None = None, *, return_state: bool = False) -> Any:
+        bsz, seqlen, _ = u.shape
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        xt = x.transpose(1, 2)  # (B, E, T)
+        km1 = self.conv_kernel - 1
+        prev = xt.new_zeros(bsz, self.d_inner, km1) if state is None else state[0].to(xt.dtype)
+        xt = torch.cat([prev, xt], dim=-1)
+        conv_state = xt[..., xt.shape[-1] - km1 :]
+        x = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        dt, k, q = self._project(x)
+        y, h = self.scan(x, dt, k, q, z, None if state is None else state[1])
+        out = self.out_proj(y)
+        return (out, (conv_state, h)) if return_state else out
+
+    def step(self, u: Tensor, state: State | None) -> tuple[Tensor, State]:
+        """One token: u (B, D) to (B, D)."""
+        bsz = u.shape[0]
+        if state is None:
+            state = (u.new_zeros(bsz, self.d_inner, self.conv_kernel - 1),
+                     u.new_zeros(bsz, self.d_inner, self.d_state, dtype=torch.float32))
+        conv_state, h = state
+        x, z = self.in_proj(u).chunk(2, dim=-1)
+        window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, E, K)
+        x = F.silu((window * self.conv1d.weight.squeeze(1)).sum(-1) + self.conv1d.bias)
+        dt, k, q = self._project(x)
+        y, h = self.scan_step(x, dt, k, q, z, h)
+        return self.out_proj(y), (window[..., 1:], h)
+
+    def init_weights(self) -> None:
+        nn.init.trunc_normal_(self.in_proj.weight, std=0.02)
+        self.conv1d.reset_parameters()
+        nn.init.trunc_normal_(self.x_proj.weight, std=0.02)
+        bound = self.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -bound, bound)
+        self.init_dt_bias()
+        nn.init.ones_(self.D)
+        nn.init.trunc_normal_(self.out_proj.weight, std=self.out_std)

@@ -1,0 +1,362 @@
+"""Job configuration: sectioned dataclasses, TOML files and ``--section.key value`` overrides.
+
+Each field's ``help`` metadata is its documentation and its ``--help`` text. A TOML
+file's sections and keys map one to one onto these dataclasses. Precedence, lowest
+to highest: dataclass defaults, the mixer plugin's defaults file, the TOML file,
+the command line. Unknown sections or keys, wrong types and unknown mixers are
+errors that name the key and the valid choices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from trainer.tomlcompat import tomllib
+
+
+class ConfigError(ValueError):
+    """A bad config value, key or file. The message names it and the fix."""
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    """A config field with its help text (and valid choices for strings)."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list | dict):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Job:
+    dump_folder: str = opt("./outputs", "Folder for TensorBoard events, checkpoints and logs of this job.")
+    description: str = opt("", "Free text describing the run; printed at start-up.")
+
+
+@dataclass
+class Model:
+    name: str = opt("longhorn", "Mixer plugin name (see `python -m trainer.plugins`).")
+    dim: int = opt(256, "Model width D.")
+    n_layers: int = opt(4, "Number of residual blocks.")
+    vocab_size: int = opt(256, "Vocabulary size (padded to a multiple of 64 by tokenizers that need it).")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
+    mlp: bool = opt(True, "Add a SwiGLU MLP after the mixer in each block (plugins may default it off).")
+    mlp_ratio: float = opt(8 / 3, "SwiGLU hidden size as a multiple of dim (rounded up to a multiple of 64).")
+    tie_embeddings: bool = opt(False, "Share the token embedding and LM head weights.")
+    op_backend: str = opt("auto", "Scan-op backend: auto (fastest available), reference, cuda or triton.")
+    mixer: dict = opt({}, "Mixer-specific options; valid keys come from the plugin's [mixer] defaults.")
+
+
+@dataclass
+class Optimizer:
+    name: str = opt("AdamW", "Optimizer.", choices=("AdamW",))
+    lr: float = opt(1e-3, "Peak learning rate.")
+    beta1: float = opt(0.9, "AdamW beta1.")
+    beta2: float = opt(0.95, "AdamW beta2.")
+    eps: float = opt(1e-8, "AdamW epsilon.")
+    weight_decay: float = opt(0.1, "Weight decay, applied only to parameters with two or more dimensions.")
+
+
+@dataclass
+class LRScheduler:
+    warmup_steps: int = opt(10, "Linear warm-up steps from 0 to the peak learning rate.")
+    decay_type: str = opt("cosine", "Schedule after warm-up.", choices=("cosine", "wsd", "constant"))
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
+    wsd_decay_ratio: float = opt(0.2, "WSD only: fraction of the steps spent in the final linear decay.")
+
+
+@dataclass
+class Training:
+    steps: int = opt(200, "Optimizer steps to train.")
+    local_batch_size: int = opt(16, "Sequences per micro-batch on each data-parallel rank.")
+    global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local x ranks "
+                                 "reached by gradient accumulation. -1 means local x ranks.")
+    seq_len: int = opt(128, "Tokens per sequence.")
+    max_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).")
+    seed: int = opt(0, "Random seed for init and data; the same seed repeats the run.")
+    mixed_precision: str = opt("auto", "Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.",
+                               choices=("auto", "bf16", "fp32"))
+    device: str = opt("auto", "auto (CUDA if present, else CPU), cuda or cpu.", choices=("auto", "cuda", "cpu"))
+
+
+@dataclass
+class Data:
+    dataset: str = opt("bytes", "Data source: bytes (byte-level LM on the embedded corpus) or mqar "
+                       "(multi-query associative recall).", choices=("bytes", "mqar"))
+    mqar_num_kv_pairs: int = opt(8, "MQAR: key-value pairs per sequence.")
+    mqar_vocab_size: int = opt(64, "MQAR: tokens used for keys and for values (each half of the range).")
+    val_fraction: float = opt(0.05, "Fraction of the corpus held out for validation (bytes).")
+
+
+@dataclass
+class Checkpoint:
+    enable: bool = opt(False, "Save checkpoints under <dump_folder>/<folder>.")
+    folder: str = opt("checkpoint", "Checkpoint folder, relative to the dump folder.")
+    interval: int = opt(500, "Steps between checkpoints.")
+
+
+@dataclass
+class Parallelism:
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 uses every rank.")
+
+
+@dataclass
+class Compile:
+    enable: bool = opt(False, "torch.compile each block (fullgraph).")
+
+
+@dataclass
+class Metrics:
+    log_freq: int = opt(10, "Steps between console and TensorBoard logs.")
+    enable_tensorboard: bool = opt(True, "Write TensorBoard events under <dump_folder>/<save_tb_folder>.")
+    save_tb_folder: str = opt("tb", "TensorBoard folder, relative to the dump folder.")
+
+
+@dataclass
+class JobConfig:
+    job: Job = field(default_factory=Job)
+    model: Model = field(default_factory=Model)
+    optimizer: Optimizer = field(default_factory=Optimizer)
+    lr_scheduler: LRScheduler = field(default_factory=LRScheduler)
+    training: Training = field(default_factory=Training)
+    data: Data = field(default_factory=Data)
+    checkpoint: Checkpoint = field(default_factory=Checkpoint)
+    parallelism: Parallelism = field(default_factory=Parallelism)
+    compile: Compile = field(default_factory=Compile)
+    metrics: Metrics = field(default_factory=Metrics)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+
+def _sections() -> dict[str, type]:
+    hints = get_type_hints(JobConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(JobConfig)}
+
+
+def _suggest(name: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def _coerce(where: str, value: Any, typ: type, choices: tuple[str, ...] | None) -> Any:
+    """Check ``value`` against ``typ``, converting int to float; raise ConfigError if it does not fit."""
+    if typ is float and isinstance(value, int) and not isinstance(value, bool):
+        value = float(value)
+    ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
+    if not ok:
+        raise ConfigError(f"{where} = {value!r} has type {type(value).__name__}, expected {typ.__name__}")
+    if choices is not None and value not in choices:
+        raise ConfigError(f"{where} = {value!r} is not valid; choose one of {', '.join(choices)}."
+                          + _suggest(str(value), list(choices)))
+    return value
+
+
+def _parse_cli_value(where: str, text: str, typ: type) -> Any:
+    """Turn a command-line string into ``typ`` (TOML syntax for numbers, bools and tables)."""
+    if typ is str:
+        return text
+    if typ is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ConfigError(f"{where}: {text!r} is not a boolean; use true or false")
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        if typ in (int, float):
+            raise ConfigError(f"{where}: {text!r} is not a number") from None
+        return text
+
+
+def _apply(cfg: JobConfig, table: dict[str, Any], origin: str) -> None:
+    """Merge a parsed TOML table (sections of keys) into ``cfg``, checking every key."""
+    sections = _sections()
+    for sec_name, values in table.items():
+        if sec_name not in sections:
+            raise ConfigError(f"{origin}: unknown section [{sec_name}]; valid sections: {', '.join(sections)}."
+                              + _suggest(sec_name, list(sections)))
+        if not isinstance(values, dict):
+            raise ConfigError(f"{origin}: [{sec_name}] must be a table of keys")
+        section = getattr(cfg, sec_name)
+        fields = {f.name: f for f in dataclasses.fields(section)}
+        hints = get_type_hints(type(section))
+        for key, value in values.items():
+            if key not in fields:
+                raise ConfigError(f"{origin}: unknown key {sec_name}.{key}; valid keys of [{sec_name}]: "
+                                  f"{', '.join(fields)}." + _suggest(key, list(fields)))
+            if sec_name == "model" and key == "mixer":
+                if not isinstance(value, dict):
+                    raise ConfigError(f"{origin}: model.mixer must be a table")
+                section.mixer.update(value)
+                continue
+            value = _coerce(f"{origin}: {sec_name}.{key}", value, hints[key], fields[key].metadata["choices"])
+            setattr(section, key, value)
+
+
+def _load_toml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist; configs live in train_configs/")
+    try:
+        with path.open("rb") as f:
+            return tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path} is not valid TOML: {e}") from e
+
+
+def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
+    """Parse ``--section.key value`` / ``--section.key=value`` pairs into a nested table."""
+    sections = _sections()
+    table: dict[str, dict[str, Any]] = {}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key value")
+        if "=" in arg:
+            dotted, text = arg[2:].split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"{arg} needs a value")
+            dotted, text = arg[2:], overrides[i + 1]
+            i += 2
+        parts = dotted.split(".")
+        sec_name = parts[0]
+        if sec_name not in sections:
+            raise ConfigError(f"--{dotted}: unknown section {sec_name!r}; valid sections: {', '.join(sections)}."
+                              + _suggest(sec_name, list(sections)))
+        if len(parts) == 3 and parts[:2] == ["model", "mixer"]:
+            table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _parse_cli_value(f"--{dotted}", text, str)
+            continue
+        if len(parts) != 2:
+            raise ConfigError(f"--{dotted}: expected --section.key")
+        key = parts[1]
+        hints = get_type_hints(sections[sec_name])
+        if key not in hints:
+            raise ConfigError(f"--{dotted}: unknown key {key!r} of [{sec_name}]; valid keys: {', '.join(hints)}."
+                              + _suggest(key, list(hints)))
+        table.setdefault(sec_name, {})[key] = _parse_cli_value(f"--{dotted}", text, hints[key])
+    return table
+
+
+def _plugin_defaults(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The mixer plugin's ``[model]`` defaults and its ``[mixer]`` option table."""
+    from trainer.plugins import PluginError, get_registry
+
+    try:
+        entry = get_registry().get(name)
+    except PluginError as e:
+        raise ConfigError(f"model.name: {e}") from None
+    table = _load_toml(Path(entry.spec.defaults))
+    mixer_defaults = dict(table.pop("mixer", {}))
+    return table, mixer_defaults
+
+
+def _check_mixer_options(cfg: JobConfig, mixer_defaults: dict[str, Any]) -> None:
+    """Type-check the user's model.mixer options against the plugin's declared defaults."""
+    resolved = dict(mixer_defaults)
+    for key, value in cfg.model.mixer.items():
+        if key not in mixer_defaults:
+            valid = ", ".join(mixer_defaults) or "(none)"
+            raise ConfigError(f"unknown key model.mixer.{key} for mixer {cfg.model.name!r}; valid keys: {valid}."
+                              + _suggest(key, list(mixer_defaults)))
+        default = mixer_defaults[key]
+        if isinstance(value, str) and not isinstance(default, str):  # came from the command line
+            value = _parse_cli_value(f"model.mixer.{key}", value, type(default))
+        resolved[key] = _coerce(f"model.mixer.{key}", value, type(default), None)
+    cfg.model.mixer = resolved
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    """Build the job config from an optional TOML file and command-line overrides.
+
+    Args:
+        path: TOML config file, or None for the defaults.
+        overrides: ``["--section.key", "value", ...]`` strings.
+
+    Raises:
+        ConfigError: on any unknown key, wrong type, bad choice or unknown mixer.
+    """
+    cfg = JobConfig()
+    file_table = _load_toml(Path(path)) if path is not None else {}
+    cli_table = _cli_table(overrides or [])
+    # The mixer name decides which plugin defaults apply, so settle it first.
+    name = {**file_table.get("model", {}), **cli_table.get("model", {})}.get("name", cfg.model.name)
+    cfg.model.name = _coerce("model.name", name, str, None)
+    model_defaults, mixer_defaults = _plugin_defaults(cfg.model.name)
+    _apply(cfg, {"model": model_defaults}, f"defaults file of mixer {cfg.model.name!r}")
+    _apply(cfg, file_table, str(path))
+    _apply(cfg, cli_table, "command line")
+    _check_mixer_options(cfg, mixer_defaults)
+    return cfg
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """Render a config as TOML (for ``--print-config``)."""
+
+    def fmt(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, str):
+            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return repr(v)
+
+    lines: list[str] = []
+    for sec, values in cfg.to_dict().items():
+        lines.append(f"[{sec}]")
+        nested = {}
+        for k, v in values.items():
+            if isinstance(v, dict):
+                nested[k] = v
+            else:
+                lines.append(f"{k} = {fmt(v)}")
+        for k, table in nested.items():
+            lines.append(f"\n[{sec}.{k}]")
+            lines.extend(f"{kk} = {fmt(vv)}" for kk, vv in table.items())
+        lines.append("")
+    return "\n".join(lines)
+
+
+def help_text() -> str:
+    """Every option with its type, default and documentation, by section."""
+    out = []
+    for sec_name, cls in _sections().items():
+        out.append(f"[{sec_name}]")
+        hints = get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            choices = f.metadata.get("choices")
+            extra = f" {{{'|'.join(choices)}}}" if choices else ""
+            out.append(f"  --{sec_name}.{f.name} {hints[f.name].__name__.upper()}{extra}  (default {default!r})")
+            out.append(f"      {f.metadata['help']}")
+    return "\n".join(out)
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
+    """Parse ``[--job.config_file PATH | PATH] [--print-config] [--section.key value ...]``.
+
+    Returns the config and whether ``--print-config`` was given. ``--help`` prints
+    every option and exits.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "-h" in argv or "--help" in argv:
+        print("usage: python -m trainer.train [CONFIG.toml] [--print-config] [--section.key VALUE ...]\n\n"
+              "Trains a causal LM whose sequence mixer comes from a plugin. Options, by TOML section:\n")
+        print(help_text())
+        raise SystemExit(0)
+    print_config = "--print-config" in argv
+    argv = [a for a in argv if a != "--print-config"]
+    path = None
+    if argv and not argv[0].startswith("--"):
+        path = argv.pop(0)
+    elif len(argv) >= 2 and argv[0] == "--job.config_file":
+        path = argv[1]
+        argv = argv[2:]
+    return load_config(path, argv), print_config

@@ -1,0 +1,117 @@
+"""The plugin contract of longhorn-zoo: everything a mixer plugin supplies, in one file.
+
+A mixer plugin is any installed distribution that declares an entry point in the
+group ``longhorn_zoo.mixers``; the entry point names a module (or object) that
+implements the hooks below with the :data:`hookimpl` marker::
+
+    # pyproject.toml of the plugin
+    [project.entry-points."longhorn_zoo.mixers"]
+    my_mixer = "my_package.plugin"
+
+    # my_package/plugin.py
+    from trainer.hookspecs import MixerSpec, hookimpl
+
+    @hookimpl
+    def longhorn_zoo_mixers() -> list[MixerSpec]:
+        return [MixerSpec(name="my_mixer", build=MyMixer.from_args,
+                          defaults=Path(__file__).with_name("defaults.toml"),
+                          ops=(my_scan,))]
+
+The trainer treats built-in and third-party plugins the same way. See
+``docs/plugins.md`` for a walk-through and the conformance suite.
+
+The mixer module contract (what ``MixerSpec.build`` returns) is an ``nn.Module``:
+
+* ``forward(x, state=None, *, return_state=False)``: ``x`` is (B, T, D) and the
+  result is (B, T, D). With ``return_state=True`` it returns ``(y, new_state)``,
+  where ``new_state`` continues the sequence; ``state`` is a state returned
+  earlier (or None for a fresh sequence). Outputs at position t depend only on
+  inputs at positions <= t (causality).
+* ``step(x, state) -> (y, new_state)``: one token, ``x`` of shape (B, D); the
+  recurrent form used for generation. ``state=None`` starts a fresh sequence.
+  Feeding tokens one by one through ``step`` must reproduce ``forward``.
+* ``init_weights()``: (re)initialises every parameter and buffer in place. Models
+  are built on the meta device, moved with ``to_empty`` and then initialised, so
+  ``__init__`` must not rely on parameter values.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pluggy
+from torch import nn
+
+from trainer.ops import ScanOp
+
+PROJECT = "longhorn_zoo"
+ENTRY_POINT_GROUP = "longhorn_zoo.mixers"
+
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@dataclass(frozen=True)
+class MixerArgs:
+    """What a mixer factory receives.
+
+    Attributes:
+        dim: Model width D; the mixer maps (B, T, D) to (B, T, D).
+        layer_id: Index of this block, 0-based (for depth-dependent init).
+        n_layers: Number of blocks in the model.
+        max_seq_len: Training context length (for RoPE tables and the like).
+        options: The mixer's own options: its ``[mixer]`` defaults table merged
+            with the user's ``[model.mixer]`` table, already type-checked.
+    """
+
+    dim: int
+    layer_id: int
+    n_layers: int
+    max_seq_len: int
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class MixerSpec:
+    """Everything a plugin registers for one mixer.
+
+    Attributes:
+        name: Unique mixer name used as ``[model] name`` in configs, e.g. "longhorn".
+        build: Factory ``MixerArgs -> nn.Module`` honouring the module contract above.
+        defaults: Path of a TOML file shipped in the plugin package. Its top-level
+            keys are defaults for the ``[model]`` section (e.g. ``mlp = false``);
+            its ``[mixer]`` table declares every mixer option with its default
+            value, whose type is the option's type. A user config overrides only
+            what it changes.
+        ops: The scan ops of this mixer (see :mod:`trainer.ops`); listed with their
+            available backends and checked by the conformance suite.
+        flops_per_token: Optional ``(MixerArgs, seq_len) -> float``: forward FLOPs
+            per token of one mixer layer, counting the sequence-length-dependent
+            work (attention scores, state updates) as well as the matmuls. Used
+            for MFU; when None, 2 x the mixer's parameter count is used.
+    """
+
+    name: str
+    build: Callable[[MixerArgs], nn.Module]
+    defaults: Path
+    ops: Sequence[ScanOp] = ()
+    flops_per_token: Callable[[MixerArgs, int], float] | None = None
+
+
+@hookspec
+def longhorn_zoo_mixers() -> list[MixerSpec]:
+    """Return the mixers this plugin provides.
+
+    Called once per plugin when the registry is built (all results are
+    collected, none is ``firstresult``). Return a list of :class:`MixerSpec`.
+    Importing the plugin module should be cheap: import heavy optional
+    dependencies (triton, CUDA extensions) lazily, inside backends.
+
+    Returns:
+        One :class:`MixerSpec` per mixer; names must be unique across all
+        installed plugins.
+    """
+    raise NotImplementedError

@@ -1,0 +1,215 @@
+"""Scan ops: ``torch.library`` custom ops built from a reference function.
+
+A plugin writes its recurrence once, as a plain PyTorch *reference* function with
+type annotations (``Tensor``, ``Tensor | None``, ``float``, ``int``, ``bool``) that
+returns a tuple of fresh tensors. :func:`define_scan_op` turns it into a custom op
+that
+
+* runs the reference on every device (CPU, and CUDA when no fast kernel exists);
+* has autograd: the backward pass is the vector-Jacobian product of the reference
+  (``torch.func.vjp``), unless a fast backend supplies its own backward;
+* has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` treats
+  the op as one opaque node with no graph break;
+* can take fast backends later (:meth:`ScanOp.register_backend`), for example a
+  CUDA extension or Triton kernels, without changing any caller.
+
+Which backend runs is chosen per call from the device of the first tensor
+argument and the process-wide preference set by :func:`set_backend_preference`
+(``"auto"`` picks the first available fast backend for that device).
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "Backend",
+    "ScanOp",
+    "define_scan_op",
+    "set_backend_preference",
+    "get_backend_preference",
+    "REFERENCE",
+]
+
+REFERENCE = "reference"
+_preference: str = "auto"
+
+
+def set_backend_preference(name: str) -> None:
+    """Choose which backend scan ops use: ``"auto"``, ``"reference"`` or a backend name.
+
+    ``"auto"`` uses the first available fast backend registered for the input's
+    device and falls back to the reference. A named backend that is unavailable
+    for a call's device also falls back to the reference.
+    """
+    global _preference
+    _preference = name
+
+
+def get_backend_preference() -> str:
+    """Return the backend preference set by :func:`set_backend_preference`."""
+    return _preference
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A fast implementation of a scan op for one device type.
+
+    Attributes:
+        name: Short name shown by ``python -m trainer.plugins``, e.g. ``"cuda"``
+            or ``"triton"``.
+        device_type: The device type it runs on, e.g. ``"cuda"``.
+        is_available: Returns True when the backend can run in this process
+            (its compiler, extension or GPU is present). Called lazily and may
+            be slow the first time (a JIT build); cache the answer.
+        forward: Same signature and outputs as the op's reference function.
+        backward: ``backward(inputs, outputs, grad_outputs) -> grads``, where
+            ``inputs`` are the op's arguments in order, ``outputs`` its results
+            and ``grads`` one entry per argument (None where not differentiable).
+            It must itself be traceable by ``torch.compile`` (call a custom op).
+            If None, the reference's VJP is used for the backward pass.
+    """
+
+    name: str
+    device_type: str
+    is_available: Callable[[], bool]
+    forward: Callable[..., tuple[Tensor, ...]]
+    backward: Callable[[tuple[Any, ...], tuple[Tensor, ...], tuple[Tensor | None, ...]], tuple[Tensor | None, ...]] | None = None
+
+
+class ScanOp:
+    """A scan op: a custom op, its reference function and its fast backends.
+
+    Call it like the reference function. Create it with :func:`define_scan_op`.
+    """
+
+    def __init__(
+        self,
+        qualname: str,
+        reference: Callable[..., tuple[Tensor, ...]],
+        fake: Callable[..., tuple[Tensor, ...]],
+    ) -> None:
+        self.qualname = qualname
+        self.reference = reference
+        self.backends: list[Backend] = []
+        self._params = list(inspect.signature(reference).parameters)
+        self.op = torch.library.custom_op(qualname, mutates_args=())(reference)
+        self.op.register_fake(fake)
+        self.op.register_kernel("cuda")(self._dispatch)
+        self.op.register_autograd(self._backward, setup_context=self._setup_context)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+        return self.op(*args, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"ScanOp({self.qualname}, backends={self.available_backends()})"
+
+    def register_backend(self, backend: Backend) -> None:
+        """Add a fast backend. Backends registered first are preferred by ``"auto"``."""
+        if any(b.name == backend.name and b.device_type == backend.device_type for b in self.backends):
+            raise ValueError(f"{self.qualname}: backend {backend.name!r} for {backend.device_type} is already registered")
+        self.backends.append(backend)
+
+    def available_backends(self) -> list[str]:
+        """Names of the backends that can run here, the CPU reference first."""
+        names = ["cpu-reference"]
+        for b in self.backends:
+            try:
+                ok = b.is_available()
+            except Exception:  # a broken toolchain means "not available", never a crash
+                ok = False
+            if ok:
+                names.append(b.name)
+        return names
+
+    def select_backend(self, device_type: str) -> Backend | None:
+        """The fast backend that a call on ``device_type`` would use, or None for the reference."""
+        if _preference == REFERENCE:
+            return None
+        for b in self.backends:
+            if b.device_type != device_type:
+                continue
+            if _preference not in ("auto", b.name):
+                continue
+            if b.is_available():
+                return b
+        return None
+
+    def _device_type(self, args: Sequence[Any]) -> str:
+        for a in args:
+            if isinstance(a, Tensor):
+                return a.device.type
+        return "cpu"
+
+    def _dispatch(self, *args: Any) -> tuple[Tensor, ...]:
+        backend = self.select_backend(self._device_type(args))
+        if backend is None:
+            return self.reference(*args)
+        return backend.forward(*args)
+
+    def _setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
+        ctx.tensor_idx = tensor_idx
+        ctx.inputs_template = [None if isinstance(a, Tensor) else a for a in inputs]
+        ctx.save_for_backward(*[inputs[i] for i in tensor_idx], *output)
+        ctx.n_outputs = len(output)
+
+    def _backward(self, ctx: Any, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
+        saved = ctx.saved_tensors
+        n_in = len(ctx.tensor_idx)
+        inputs = list(ctx.inputs_template)
+        for j, i in enumerate(ctx.tensor_idx):
+            inputs[i] = saved[j]
+        outputs = tuple(saved[n_in:])
+        backend = self.select_backend(self._device_type(inputs))
+        if backend is not None and backend.backward is not None:
+            return tuple(backend.backward(tuple(inputs), outputs, grads))
+        return self._reference_vjp(inputs, outputs, grads)
+
+    def _reference_vjp(
+        self, inputs: list[Any], outputs: tuple[Tensor, ...], grads: tuple[Tensor | None, ...]
+    ) -> tuple[Tensor | None, ...]:
+        diff = [i for i, a in enumerate(inputs) if isinstance(a, Tensor) and a.is_floating_point()]
+
+        def fn(*primals: Tensor) -> tuple[Tensor, ...]:
+            full = list(inputs)
+            for i, p in zip(diff, primals):
+                full[i] = p
+            return self.reference(*full)
+
+        _, vjp = torch.func.vjp(fn, *[inputs[i] for i in diff])
+        cotangents = tuple(torch.zeros_like(o) if g is None else g for g, o in zip(grads, outputs))
+        diff_grads = vjp(cotangents)
+        result: list[Tensor | None] = [None] * len(inputs)
+        for i, g in zip(diff, diff_grads):
+            result[i] = g
+        return tuple(result)
+
+
+def define_scan_op(
+    qualname: str,
+    reference: Callable[..., tuple[Tensor, ...]],
+    fake: Callable[..., tuple[Tensor, ...]],
+) -> ScanOp:
+    """Register ``reference`` as the custom op ``qualname`` and return its :class:`ScanOp`.
+
+    Args:
+        qualname: ``"namespace::name"``, e.g. ``"longhorn_zoo::longhorn_scan"``.
+            Use your distribution's name as the namespace to avoid clashes.
+        reference: The readable implementation. Annotated arguments; returns a
+            tuple of new tensors (never views of its inputs). It must be written
+            with out-of-place PyTorch ops so that ``torch.func.vjp`` can
+            differentiate it; it runs on any device.
+        fake: Same signature; returns empty tensors of the outputs' shapes and
+            dtypes (``torch.empty`` / ``new_empty``), used under ``torch.compile``.
+
+    Returns:
+        The op, callable like ``reference``.
+    """
+    return ScanOp(qualname, reference, fake)
