@@ -1,0 +1,86 @@
+"""Config loading: precedence, plugin defaults, and errors that name the key and the fix."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from trainer.config import ConfigError, load_config, parse_args, to_toml
+from trainer.tomlcompat import tomllib
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "job.toml"
+    p.write_text(text)
+    return p
+
+
+def test_plugin_defaults_apply_under_user_values(tmp_path):
+    cfg = load_config(write(tmp_path, '[model]\nname = "longhorn"\n[model.mixer]\nd_state = 8\n'))
+    assert cfg.model.mlp is False  # from plugins/longhorn/defaults.toml
+    assert cfg.model.mixer == {"d_state": 8, "expand": 2, "conv_kernel": 4, "dt_rank": 0}
+    cfg = load_config(write(tmp_path, '[model]\nname = "longhorn"\nmlp = true\n'))
+    assert cfg.model.mlp is True  # the user beats the plugin
+
+
+def test_command_line_beats_toml(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 5\n[optimizer]\nlr = 0.1\n")
+    cfg = load_config(path, ["--training.steps", "7", "--optimizer.lr=0.5", "--model.mixer.d_state", "4"])
+    assert (cfg.training.steps, cfg.optimizer.lr, cfg.model.mixer["d_state"]) == (7, 0.5, 4)
+
+
+@pytest.mark.parametrize(
+    ("text", "overrides", "match"),
+    [
+        ("[trainig]\nsteps = 1\n", [], r"unknown section \[trainig\].*Did you mean 'training'"),
+        ("[training]\nstepz = 1\n", [], r"unknown key training.stepz.*Did you mean 'steps'"),
+        ("[training]\nsteps = 'ten'\n", [], r"training.steps = 'ten' has type str, expected int"),
+        ("[training]\nsteps = true\n", [], r"expected int"),
+        ("[lr_scheduler]\ndecay_type = 'cosin'\n", [], r"choose one of cosine, wsd, constant.*'cosine'"),
+        ("[model]\nname = 'longhron'\n", [], r"unknown mixer 'longhron'.*Did you mean 'longhorn'"),
+        ("[model.mixer]\nd_stat = 3\n", [], r"model.mixer.d_stat.*valid keys: d_state.*Did you mean 'd_state'"),
+        ("[model.mixer]\nd_state = 'big'\n", [], r"model.mixer.d_state = 'big'.*expected int"),
+        ("", ["--training.steps", "x"], r"'x' is not a number"),
+        ("", ["--trainng.steps", "1"], r"unknown section 'trainng'.*'training'"),
+        ("", ["--training.max_nrom", "1"], r"unknown key 'max_nrom'.*'max_norm'"),
+        ("", ["--model.mixer.expand", "two"], r"model.mixer.expand.*not a number"),
+        ("[training\n", [], r"not valid TOML"),
+    ],
+)
+def test_bad_configs_name_the_key_and_the_fix(tmp_path, text, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text), overrides)
+
+
+def test_missing_file_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_print_config_round_trips(tmp_path):
+    cfg = load_config(write(tmp_path, "[model]\nname = 'llama'\ndim = 96\n"), ["--model.mixer.n_heads", "3"])
+    again = write(tmp_path, to_toml(cfg))
+    assert tomllib.loads(again.read_text())["model"]["mixer"]["n_heads"] == 3
+    assert load_config(again) == cfg
+
+
+def test_every_shipped_config_loads():
+    configs = sorted(Path(__file__).parents[1].glob("train_configs/*.toml"))
+    assert configs
+    for path in configs:
+        load_config(path)
+
+
+def test_help_lists_every_option_with_its_doc():
+    out = subprocess.run([sys.executable, "-m", "trainer.train", "--help"], capture_output=True, text=True).stdout
+    assert "--training.steps INT" in out and "Optimizer steps to train." in out
+    assert "--lr_scheduler.decay_type STR {cosine|wsd|constant}" in out
+
+
+def test_parse_args_reads_path_and_print_flag(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 3\n")
+    cfg, show = parse_args([str(path), "--print-config", "--training.seed", "4"])
+    assert show and cfg.training.steps == 3 and cfg.training.seed == 4

@@ -1,0 +1,93 @@
+"""End-to-end training on CPU: falling loss, TensorBoard events, repeatability, clear failures."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from trainer.config import load_config
+from trainer.model import LM
+from trainer.optim import lr_factor
+from trainer.train import TrainingError, train
+
+TINY = ["--model.dim", "32", "--model.n_layers", "2", "--training.local_batch_size", "8",
+        "--training.seq_len", "32", "--metrics.log_freq", "5", "--lr_scheduler.warmup_steps", "3"]
+
+
+def tiny(tmp_path, *extra: str):
+    return load_config(None, [*TINY, "--job.dump_folder", str(tmp_path), *extra])
+
+
+@pytest.mark.parametrize("mixer", ["llama", "longhorn"])
+def test_loss_falls_and_tensorboard_events_are_written(tmp_path, mixer):
+    cfg = tiny(tmp_path, "--model.name", mixer, "--training.steps", "30", "--optimizer.lr", "3e-3")
+    first = tiny(tmp_path / "first", "--model.name", mixer, "--training.steps", "5", "--optimizer.lr", "3e-3")
+    start = train(first)["loss/train"]
+    end = train(cfg)["loss/train"]
+    assert end < start - 0.5, (start, end)
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_same_seed_repeats_the_run_exactly(tmp_path):
+    a = train(tiny(tmp_path / "a", "--training.steps", "5"))
+    b = train(tiny(tmp_path / "b", "--training.steps", "5"))
+    assert a["loss/train"] == b["loss/train"] and a["grad_norm"] == b["grad_norm"]
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
+    gen = torch.Generator().manual_seed(0)
+    halves = [{"inputs": t, "labels": t.roll(-1, 1)} for t in torch.randint(0, 256, (2, 4, 32), generator=gen)]
+    whole = {k: torch.cat([halves[0][k], halves[1][k]]) for k in halves[0]}
+
+    class Fixed:
+        def __init__(self, batches):
+            self.it = iter(batches * 10)
+
+        def __next__(self):
+            return next(self.it)
+
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    def loader_of(batches):
+        return lambda *a, **k: Fixed(batches)
+
+    monkeypatch.setattr("trainer.train.build_dataloader", loader_of([whole]))
+    big = train(tiny(tmp_path / "big", "--training.steps", "3", "--training.local_batch_size", "8"))
+    monkeypatch.setattr("trainer.train.build_dataloader", loader_of(halves))
+    acc = train(tiny(tmp_path / "acc", "--training.steps", "3", "--training.local_batch_size", "4",
+                     "--training.global_batch_size", "8"))
+    assert acc["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
+    assert acc["loss/train"] == pytest.approx(big["loss/train"], rel=1e-4)
+
+
+def test_bad_global_batch_is_a_clear_error(tmp_path):
+    with pytest.raises(TrainingError, match="global_batch_size 12 is not a multiple of"):
+        train(tiny(tmp_path, "--training.global_batch_size", "12"))
+
+
+def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+    original = LM.init_weights
+
+    def poisoned(self):
+        original(self)
+        with torch.no_grad():
+            self.output.weight.fill_(float("nan"))
+
+    monkeypatch.setattr(LM, "init_weights", poisoned)
+    with pytest.raises(TrainingError, match="loss is nan at step 1"):
+        train(tiny(tmp_path, "--training.steps", "3"))
+
+
+def test_schedules_warm_up_then_decay_to_the_floor():
+    cfg = load_config(None, ["--lr_scheduler.warmup_steps", "10", "--lr_scheduler.min_lr_ratio", "0.1"]).lr_scheduler
+    assert lr_factor(0, 100, cfg) == pytest.approx(0.1)
+    assert lr_factor(9, 100, cfg) == pytest.approx(1.0)
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    cfg.decay_type = "wsd"
+    assert lr_factor(50, 100, cfg) == 1.0
+    assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
+    assert 0.1 < lr_factor(95, 100, cfg) < 1.0
