@@ -17,6 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from plugins.selective_scan.cuda import longhorn_backend
 from plugins.selective_scan.reference import compute_dtype, diag_scan, diag_step, gate_and_skip
 from trainer.ops import define_scan_op
 
@@ -66,10 +67,26 @@ def longhorn_scan_reference(
 
 def _longhorn_scan_fake(x, dt, k, q, D, z, initial_state, reset):
     cd = compute_dtype(x)
-    return torch.empty_like(x), x.new_empty(x.shape[0], x.shape[2], k.shape[-1], dtype=cd)
+    # contiguous like the reference's outputs (empty_like would copy the strides of a transposed x)
+    return x.new_empty(x.shape), x.new_empty(x.shape[0], x.shape[2], k.shape[-1], dtype=cd)
 
 
-longhorn_scan = define_scan_op("longhorn_zoo::longhorn_scan", longhorn_scan_reference, _longhorn_scan_fake)
+def _longhorn_scan_examples(dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
+    """Tiny inputs for the conformance suite: with gate, initial state and resets, then without."""
+    bsz, seqlen, chans, nstate = 2, 4, 3, 2
+
+    def r(*shape: int) -> Tensor:
+        return torch.randn(*shape, dtype=dtype, generator=gen)
+
+    x, dt, k, q, D, z = r(bsz, seqlen, chans), r(bsz, seqlen, chans), r(bsz, seqlen, nstate), \
+        r(bsz, seqlen, nstate), r(chans), r(bsz, seqlen, chans)
+    reset = torch.zeros(bsz, seqlen, dtype=torch.bool)
+    reset[:, 2] = True
+    return [(x, dt, k, q, D, z, r(bsz, chans, nstate), reset), (x, dt, k, q, D, None, None, None)]
+
+
+longhorn_scan = define_scan_op("longhorn_zoo::longhorn_scan", longhorn_scan_reference, _longhorn_scan_fake,
+                               example_inputs=_longhorn_scan_examples)
 
 
 def longhorn_step(

@@ -1,0 +1,678 @@
+// Chunked selective-scan kernels shared by Longhorn and Mamba-1 (see scan_params.h for the math).
+//
+// Work split. A block of 128 threads owns kCh channels of one batch row and one time chunk;
+// LANES threads share a channel, each holding kNS = 16 / LANES of its states in registers
+// (forward: the LANES threads of a channel sit in different warps, so each warp reads one
+// group of k, q values per step; backward: in one quad of lanes).
+// Time is walked in tiles of kTile steps: the block loads a tile of x, dt, z, dy (coalesced,
+// prefetched one tile ahead into registers), computes the per-(t, c) scalars once (delta, the
+// gate, ...) into shared memory, then every thread runs the recurrence over the tile.
+//
+// Chunks. When B * C alone cannot fill the GPU, time is split into chunks that run in parallel:
+//   1. summary_kernel: per chunk, the end state from zero S and the decay product P
+//      (and, for the backward, the adjoint summary Sb = sum_t prod_{s<=t} a_s * gy_t * qout_t);
+//   2. scan_combine: the state entering each chunk, H_j = P_{j-1} H_{j-1} + S_{j-1}, and the
+//      adjoint entering each chunk from the right, R_{j-1} = Sb_j + P_j R_j;
+//   3. fwd_kernel / bwd_kernel rerun each chunk from H_j (and R_j).
+//
+// Backward. g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + gy_t * qout_t, gy = dy * SiLU(z). The
+// backward kernel sweeps its chunk forward once to checkpoint h at every tile start (shared
+// memory), then walks tiles in reverse: it recomputes the tile's states into registers and
+// runs g backwards through them. Sums over the states (dx, d delta) go through shared memory;
+// sums over channels (dkin, dqout) use a transposing shuffle reduction within the warp and
+// one float4 global atomic per block and step.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "scan_params.h"
+
+namespace selective_scan {
+
+constexpr int kN = kStateSize;
+constexpr int kThreads = 128;
+constexpr int kLt = kTile;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+template <int LANES>
+struct Layout {
+  static_assert(kN % LANES == 0 && 32 % LANES == 0, "LANES must divide the state size and the warp");
+  static constexpr int kNS = kN / LANES;            // states per thread
+  static constexpr int kCh = kThreads / LANES;      // channels per block
+  static constexpr int kRowStride = LANES;          // rows between a thread's (t, c) elements
+  static constexpr int kElems = kLt / kRowStride;   // (t, c) elements per thread and tile
+  static_assert(kNS % 4 == 0, "states are read as float4");
+  // Scan role: a warp holds 32 channels and one group of kNS states, so the k and q values a
+  // step needs are the same for the whole warp (shared-memory broadcasts).
+  __device__ static int group_of(int tid) { return (tid / 32) % LANES; }
+  __device__ static int channel_of(int tid) { return (tid / 32 / LANES) * 32 + tid % 32; }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Scalar helpers
+
+__device__ __forceinline__ float to_float(float v) { return v; }
+__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float v);
+template <>
+__device__ __forceinline__ float from_float<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+
+__device__ __forceinline__ float exp2_approx(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
+__device__ __forceinline__ float exp_fast(float x) { return exp2_approx(x * kLog2e); }
+__device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + exp_fast(-x)); }
+
+__device__ __forceinline__ void atomic_add4(float* dst, float4 v) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  atomicAdd(reinterpret_cast<float4*>(dst), v);
+#else
+  atomicAdd(dst, v.x);
+  atomicAdd(dst + 1, v.y);
+  atomicAdd(dst + 2, v.z);
+  atomicAdd(dst + 3, v.w);
+#endif
+}
+
+template <int K>
+__device__ __forceinline__ void load_vec(float (&dst)[K], const float* src) {
+#pragma unroll
+  for (int i = 0; i < K; i += 4) {
+    const float4 v = *reinterpret_cast<const float4*>(src + i);
+    dst[i] = v.x;
+    dst[i + 1] = v.y;
+    dst[i + 2] = v.z;
+    dst[i + 3] = v.w;
+  }
+}
+
+template <int K>
+__device__ __forceinline__ void store_vec(float* dst, const float (&src)[K]) {
+#pragma unroll
+  for (int i = 0; i < K; i += 4) *reinterpret_cast<float4*>(dst + i) = make_float4(src[i], src[i + 1], src[i + 2], src[i + 3]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The two scans. step_size: delta and d delta / d dt from dt (and |kin_t|^2). decay: a for one
+// state. grad_state: one state's share of d delta (dda) and of dA, and its dkin term (vk), given
+// g = dL/dh_t, hp = h_{t-1} (0 after a reset) and a (0 after a reset). grad_delta: d delta from
+// x, sum_n g kin_n (dxa) and the summed dda.
+
+struct Longhorn {
+  static constexpr bool kUsesKsq = true;
+  static constexpr bool kUsesA = false;
+  __device__ static void step_size(float dt, float ksq, float& delta, float& ddt_scale) {
+    const float e = exp_fast(fminf(-dt, 80.f));  // delta = sigmoid(dt) / (1 + sigmoid(dt) |k|^2)
+    delta = __fdividef(1.f, 1.f + e + ksq);
+    ddt_scale = e * delta * delta;
+  }
+  __device__ static float decay(float delta, float kk, float) { return fmaf(-delta, kk, 1.f); }
+  __device__ static void grad_state(float g, float hp, float, float k, float kk, float delta, float dxv, float,
+                                    float& dda, float&, float& vk) {
+    const float gh = g * hp;  // a = 1 - delta k^2, u = delta x k
+    dda = fmaf(gh, kk, dda);
+    vk = fmaf(-2.f * delta * k, gh, g * dxv);
+  }
+  __device__ static float grad_delta(float x, float dxa, float dda) { return fmaf(x, dxa, -dda); }
+};
+
+struct Mamba {
+  static constexpr bool kUsesKsq = false;
+  static constexpr bool kUsesA = true;
+  __device__ static void step_size(float dt, float, float& delta, float& ddt_scale) {
+    delta = dt > 20.f ? dt : log1pf(exp_fast(dt));  // softplus
+    ddt_scale = sigmoid_fast(dt);
+  }
+  // a2 = A * log2(e), so a = exp(delta * A) = 2^(delta * a2)
+  __device__ static float decay(float delta, float, float a2) { return exp2_approx(delta * a2); }
+  __device__ static void grad_state(float g, float hp, float a, float, float, float delta, float dxv, float a2,
+                                    float& dda, float& dA, float& vk) {
+    const float ga = g * hp * a;  // a = exp(delta A), u = delta x B
+    dda = fmaf(ga, a2, dda);
+    dA = fmaf(ga, delta, dA);
+    vk = g * dxv;
+  }
+  __device__ static float grad_delta(float x, float dxa, float dda) { return fmaf(dda, kLn2, x * dxa); }
+};
+
+// ---------------------------------------------------------------------------------------------
+// Tiles: registers holding the next tile's raw inputs, and the shared-memory stage.
+
+template <typename T, int E>
+struct RawTile {
+  T x[E], dt[E], z[E], dy[E];
+  float2 k, q;
+  int rst;
+};
+
+struct KqSmem {
+  alignas(16) float k[kLt][kN];
+  alignas(16) float kk[kLt][kN];
+  alignas(16) float q[kLt][kN];
+  float ksq[kLt];
+  int rst[kLt];
+};
+
+// Loads the tile starting at ts: (t, c) elements for this thread, 2 of the tile's k and q values.
+template <int LANES, bool kQ, bool kZ, bool kDy, typename T>
+__device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, int t1, int cbase,
+                                          RawTile<T, Layout<LANES>::kElems>& r) {
+  using L = Layout<LANES>;
+  const int tid = threadIdx.x;
+  const int c = cbase + tid % L::kCh;
+  const int row0 = tid / L::kCh;
+  const bool use_z = kZ && p.z != nullptr;
+#pragma unroll
+  for (int i = 0; i < L::kElems; ++i) {
+    const int t = ts + row0 + i * L::kRowStride;
+    const bool ok = c < p.channels && t < t1;
+    const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + c;
+    r.x[i] = ok ? static_cast<const T*>(p.x)[off] : from_float<T>(0.f);
+    r.dt[i] = ok ? static_cast<const T*>(p.dt)[off] : from_float<T>(0.f);
+    if (use_z) r.z[i] = ok ? static_cast<const T*>(p.z)[off] : from_float<T>(0.f);
+    if (kDy) r.dy[i] = ok ? static_cast<const T*>(p.dy)[off] : from_float<T>(0.f);
+  }
+  const int kt = ts + tid / 8;
+  const bool kok = kt < t1;
+  const size_t koff = (static_cast<size_t>(b) * p.seqlen + kt) * kN + (tid % 8) * 2;
+  r.k = kok ? *reinterpret_cast<const float2*>(p.kin + koff) : make_float2(0.f, 0.f);
+  if (kQ) r.q = kok ? *reinterpret_cast<const float2*>(p.qout + koff) : make_float2(0.f, 0.f);
+  r.rst = (p.reset != nullptr && kok && (tid % 8) == 0) ? static_cast<int>(p.reset[static_cast<size_t>(b) * p.seqlen + kt]) : 0;
+}
+
+// Writes the tile's k, k^2, q, |k|^2 and reset flags to shared memory (8 threads per step).
+template <bool kQ, typename R>
+__device__ __forceinline__ void stage_kq(KqSmem& s, const R& r) {
+  const int tid = threadIdx.x, row = tid / 8, col = (tid % 8) * 2;
+  const float k0 = r.k.x, k1 = r.k.y;
+  *reinterpret_cast<float2*>(&s.k[row][col]) = r.k;
+  *reinterpret_cast<float2*>(&s.kk[row][col]) = make_float2(k0 * k0, k1 * k1);
+  if (kQ) *reinterpret_cast<float2*>(&s.q[row][col]) = r.q;
+  float ksq = k0 * k0 + k1 * k1;
+  ksq += __shfl_xor_sync(0xffffffffu, ksq, 1);
+  ksq += __shfl_xor_sync(0xffffffffu, ksq, 2);
+  ksq += __shfl_xor_sync(0xffffffffu, ksq, 4);
+  if (tid % 8 == 0) {
+    s.ksq[row] = ksq;
+    s.rst[row] = r.rst;
+  }
+}
+
+__device__ __forceinline__ size_t ws_index(const ScanParams& p, int b, int chunk, int c) {
+  return ((static_cast<size_t>(b) * p.nchunks + chunk) * p.channels + c) * kN;
+}
+
+// State entering this block's chunk: the combine output, or h0, or zeros.
+template <int NS>
+__device__ __forceinline__ void load_entry_state(const ScanParams& p, int b, int chunk, int c, int s0, float (&h)[NS]) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) h[j] = 0.f;
+  if (c >= p.channels) return;
+  if (p.nchunks > 1) {
+    load_vec(h, p.ws_H + ws_index(p, b, chunk, c) + s0);
+  } else if (p.h0 != nullptr) {
+    load_vec(h, p.h0 + (static_cast<size_t>(b) * p.channels + c) * kN + s0);
+  }
+}
+
+template <class Tr, int NS>
+__device__ __forceinline__ void load_a2(const ScanParams& p, int c, int s0, float (&a2)[NS]) {
+#pragma unroll
+  for (int j = 0; j < NS; ++j) a2[j] = 0.f;
+  if (Tr::kUsesA && c < p.channels) {
+    load_vec(a2, p.A + static_cast<size_t>(c) * kN + s0);
+#pragma unroll
+    for (int j = 0; j < NS; ++j) a2[j] *= kLog2e;
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 1. Chunk summaries (S, P; with kAdj also Sb), one chunk per blockIdx.y.
+
+template <int CH>
+struct SummarySmem {
+  KqSmem kq;
+  float delta[kLt][CH], dxv[kLt][CH], gy[kLt][CH];
+};
+
+template <class Tr, int LANES, typename T, bool kAdj>
+__global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
+  using L = Layout<LANES>;
+  __shared__ SummarySmem<L::kCh> sm;
+  const int tid = threadIdx.x, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
+  const int cl = L::channel_of(tid), s0 = L::group_of(tid) * L::kNS, c = cbase + cl;
+  const int ecl = tid % L::kCh, erow = tid / L::kCh;
+  const int t0 = chunk * p.chunk_len, t1 = min(t0 + p.chunk_len, p.seqlen);
+
+  float h[L::kNS], P[L::kNS], Sb[L::kNS], a2[L::kNS];
+#pragma unroll
+  for (int j = 0; j < L::kNS; ++j) h[j] = 0.f, P[j] = 1.f, Sb[j] = 0.f;
+  load_a2<Tr>(p, c, s0, a2);
+
+  RawTile<T, L::kElems> raw;
+  load_tile<LANES, kAdj, kAdj, kAdj>(p, b, t0, t1, cbase, raw);
+  for (int ts = t0; ts < t1; ts += kLt) {
+    stage_kq<kAdj>(sm.kq, raw);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride;
+      const bool ok = cbase + ecl < p.channels && ts + row < t1;
+      float delta, unused;
+      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
+      delta = ok ? delta : 0.f;
+      sm.delta[row][ecl] = delta;
+      sm.dxv[row][ecl] = delta * to_float(raw.x[i]);
+      if (kAdj) {
+        float gate = 1.f;
+        if (p.z != nullptr) {
+          const float zf = to_float(raw.z[i]);
+          gate = zf * sigmoid_fast(zf);
+        }
+        sm.gy[row][ecl] = ok ? to_float(raw.dy[i]) * gate : 0.f;
+      }
+    }
+    __syncthreads();
+    if (ts + kLt < t1) load_tile<LANES, kAdj, kAdj, kAdj>(p, b, ts + kLt, t1, cbase, raw);
+#pragma unroll 4
+    for (int s = 0; s < kLt; ++s) {
+      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+      const bool rs = sm.kq.rst[s] != 0;
+      float k[L::kNS], kk[L::kNS], q[L::kNS];
+      load_vec(k, &sm.kq.k[s][s0]);
+      load_vec(kk, &sm.kq.kk[s][s0]);
+      if (kAdj) load_vec(q, &sm.kq.q[s][s0]);
+      const float gy = kAdj ? sm.gy[s][cl] : 0.f;
+#pragma unroll
+      for (int j = 0; j < L::kNS; ++j) {
+        float a = Tr::decay(delta, kk[j], a2[j]);
+        a = rs ? 0.f : a;
+        h[j] = fmaf(a, h[j], dxv * k[j]);
+        P[j] *= a;
+        if (kAdj) Sb[j] = fmaf(P[j], gy * q[j], Sb[j]);
+      }
+    }
+    __syncthreads();
+  }
+  if (c < p.channels) {
+    const size_t w = ws_index(p, b, chunk, c) + s0;
+    store_vec(p.ws_S + w, h);
+    store_vec(p.ws_P + w, P);
+    if (kAdj) store_vec(p.ws_Sb + w, Sb);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3a. Forward: y for one chunk from its entry state; the last chunk writes hT.
+
+template <int CH>
+struct FwdSmem {
+  KqSmem kq;
+  float delta[kLt][CH], dxv[kLt][CH], x[kLt][CH], gate[kLt][CH];
+  float y[kThreads / CH][kLt][CH];  // partial readouts, one per state group
+};
+
+template <class Tr, int LANES, typename T>
+__global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
+  using L = Layout<LANES>;
+  __shared__ FwdSmem<L::kCh> sm;
+  const int tid = threadIdx.x, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
+  const int cl = L::channel_of(tid), s0 = L::group_of(tid) * L::kNS, c = cbase + cl;
+  const int ecl = tid % L::kCh, erow = tid / L::kCh, ec = cbase + ecl;
+  const int t0 = chunk * p.chunk_len, t1 = min(t0 + p.chunk_len, p.seqlen);
+  const float Dc = ec < p.channels ? p.D[ec] : 0.f;
+
+  float h[L::kNS], a2[L::kNS];
+  load_entry_state(p, b, chunk, c, s0, h);
+  load_a2<Tr>(p, c, s0, a2);
+
+  RawTile<T, L::kElems> raw;
+  load_tile<LANES, true, true, false>(p, b, t0, t1, cbase, raw);
+  for (int ts = t0; ts < t1; ts += kLt) {
+    stage_kq<true>(sm.kq, raw);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride;
+      const bool ok = ec < p.channels && ts + row < t1;
+      const float x = to_float(raw.x[i]);
+      float delta, unused;
+      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
+      delta = ok ? delta : 0.f;
+      float gate = 1.f;
+      if (p.z != nullptr) {
+        const float zf = to_float(raw.z[i]);
+        gate = zf * sigmoid_fast(zf);
+      }
+      sm.delta[row][ecl] = delta;
+      sm.dxv[row][ecl] = delta * x;
+      sm.x[row][ecl] = x;
+      sm.gate[row][ecl] = gate;
+    }
+    __syncthreads();
+    if (ts + kLt < t1) load_tile<LANES, true, true, false>(p, b, ts + kLt, t1, cbase, raw);
+#pragma unroll 4
+    for (int s = 0; s < kLt; ++s) {
+      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+      const bool rs = sm.kq.rst[s] != 0;
+      float k[L::kNS], kk[L::kNS], q[L::kNS];
+      load_vec(k, &sm.kq.k[s][s0]);
+      load_vec(kk, &sm.kq.kk[s][s0]);
+      load_vec(q, &sm.kq.q[s][s0]);
+      float y = 0.f;
+#pragma unroll
+      for (int j = 0; j < L::kNS; ++j) {
+        float a = Tr::decay(delta, kk[j], a2[j]);
+        a = rs ? 0.f : a;
+        h[j] = fmaf(a, h[j], dxv * k[j]);
+        y = fmaf(q[j], h[j], y);
+      }
+      sm.y[L::group_of(tid)][s][cl] = y;
+    }
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride, t = ts + row;
+      if (ec < p.channels && t < t1) {
+        float y = Dc * sm.x[row][ecl];
+#pragma unroll
+        for (int g = 0; g < LANES; ++g) y += sm.y[g][row][ecl];
+        y *= sm.gate[row][ecl];
+        static_cast<T*>(p.y)[(static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec] = from_float<T>(y);
+      }
+    }
+  }
+  if (chunk == p.nchunks - 1 && c < p.channels) store_vec(p.hT + (static_cast<size_t>(b) * p.channels + c) * kN + s0, h);
+}
+
+// ---------------------------------------------------------------------------------------------
+// 3b. Backward for one chunk, 4 lanes per channel (4 states per thread).
+
+constexpr int kBwdLanes = 4;
+constexpr int kBwdMaxTiles = kBwdMaxChunk / kLt;
+
+struct BwdSmem {
+  KqSmem kq;
+  float delta[kLt][32], dxv[kLt][32], x[kLt][32], gy[kLt][32], ddt_scale[kLt][32], dsilu[kLt][32];
+  float dxa[kBwdLanes][kLt][32], dda[kBwdLanes][kLt][32], ys[kBwdLanes][kLt][32];  // per state group
+  alignas(16) float red[kLt][2 * kN];  // per step: dkin (16), dqout (16), summed over the block's channels
+};
+
+// Sums 8 values over the 32 lanes of a warp; returns the sum of the value with index
+// 4 * bit4 + 2 * bit3 + bit2 of the lane (9 shuffles instead of 40).
+__device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane) {
+  const bool hi = lane & 16, mid = lane & 8, lo = lane & 4;
+  float r[4], s[2];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float send = hi ? v[i] : v[i + 4];
+    r[i] = (hi ? v[i + 4] : v[i]) + __shfl_xor_sync(0xffffffffu, send, 16);
+  }
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const float send = mid ? r[i] : r[i + 2];
+    s[i] = (mid ? r[i + 2] : r[i]) + __shfl_xor_sync(0xffffffffu, send, 8);
+  }
+  const float send = lo ? s[0] : s[1];
+  float sum = (lo ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 4);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  return sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+}
+
+template <class Tr, typename T>
+__global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
+  using L = Layout<kBwdLanes>;
+  static_assert(L::kCh == 32 && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
+  constexpr int NS = L::kNS;
+  __shared__ BwdSmem sm;
+  extern __shared__ float4 ckpt[];  // [tile][thread]: h at each tile start
+  const int tid = threadIdx.x, lane = tid % 32, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
+  const int cl = L::channel_of(tid), sg = L::group_of(tid), s0 = sg * NS, c = cbase + cl;
+  const int ecl = tid % L::kCh, erow = tid / L::kCh, ec = cbase + ecl;
+  const int t0 = chunk * p.chunk_len, t1 = min(t0 + p.chunk_len, p.seqlen);
+  const int ntiles = (t1 - t0 + kLt - 1) / kLt;
+  const bool use_z = p.z != nullptr;
+  const float Dc = ec < p.channels ? p.D[ec] : 0.f;
+
+  float h[NS], a2[NS];
+  load_entry_state(p, b, chunk, c, s0, h);
+  load_a2<Tr>(p, c, s0, a2);
+
+  // Sweep 1: forward through the chunk, checkpointing h at every tile start.
+  RawTile<T, L::kElems> raw;
+  load_tile<kBwdLanes, false, false, false>(p, b, t0, t1, cbase, raw);
+  for (int it = 0; it < ntiles; ++it) {
+    const int ts = t0 + it * kLt;
+    ckpt[it * kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
+    stage_kq<false>(sm.kq, raw);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride;
+      const bool ok = ec < p.channels && ts + row < t1;
+      float delta, unused;
+      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
+      delta = ok ? delta : 0.f;
+      sm.delta[row][ecl] = delta;
+      sm.dxv[row][ecl] = delta * to_float(raw.x[i]);
+    }
+    __syncthreads();
+    if (it + 1 < ntiles) load_tile<kBwdLanes, false, false, false>(p, b, ts + kLt, t1, cbase, raw);
+#pragma unroll 4
+    for (int s = 0; s < kLt; ++s) {
+      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+      const bool rs = sm.kq.rst[s] != 0;
+      float k[NS], kk[NS];
+      load_vec(k, &sm.kq.k[s][s0]);
+      load_vec(kk, &sm.kq.kk[s][s0]);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        float a = Tr::decay(delta, kk[j], a2[j]);
+        a = rs ? 0.f : a;
+        h[j] = fmaf(a, h[j], dxv * k[j]);
+      }
+    }
+    __syncthreads();
+  }
+
+  // Sweep 2: tiles in reverse. g holds a_{t+1} * g_{t+1}, starting from the adjoint entering
+  // from the next chunk (or dhT).
+  float g[NS], dA[NS];
+#pragma unroll
+  for (int j = 0; j < NS; ++j) g[j] = 0.f, dA[j] = 0.f;
+  if (c < p.channels) {
+    if (p.nchunks > 1) load_vec(g, p.ws_R + ws_index(p, b, chunk, c) + s0);
+    else load_vec(g, p.dhT + (static_cast<size_t>(b) * p.channels + c) * kN + s0);
+  }
+  float dD_acc = 0.f;
+  load_tile<kBwdLanes, true, true, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+  for (int it = ntiles - 1; it >= 0; --it) {
+    const int ts = t0 + it * kLt;
+    stage_kq<true>(sm.kq, raw);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride;
+      const bool ok = ec < p.channels && ts + row < t1;
+      const float x = to_float(raw.x[i]), dy = to_float(raw.dy[i]);
+      float delta, ddt_scale;
+      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, ddt_scale);
+      delta = ok ? delta : 0.f;
+      float gate = 1.f, dsilu = 0.f;
+      if (use_z) {
+        const float zf = to_float(raw.z[i]), sz = sigmoid_fast(zf);
+        gate = zf * sz;
+        dsilu = dy * sz * fmaf(zf, 1.f - sz, 1.f);
+      }
+      sm.delta[row][ecl] = delta;
+      sm.dxv[row][ecl] = delta * x;
+      sm.x[row][ecl] = x;
+      sm.gy[row][ecl] = ok ? dy * gate : 0.f;
+      sm.ddt_scale[row][ecl] = ddt_scale;
+      sm.dsilu[row][ecl] = dsilu;
+    }
+    __syncthreads();
+    if (it > 0) load_tile<kBwdLanes, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
+
+    // Recompute the tile's states: hist[s] = h_{ts+s-1}.
+    float hist[kLt + 1][NS];
+    {
+      const float4 h4 = ckpt[it * kThreads + tid];
+      hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
+    }
+#pragma unroll
+    for (int s = 0; s < kLt; ++s) {
+      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+      const bool rs = sm.kq.rst[s] != 0;
+      float k[NS], kk[NS];
+      load_vec(k, &sm.kq.k[s][s0]);
+      load_vec(kk, &sm.kq.kk[s][s0]);
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        float a = Tr::decay(delta, kk[j], a2[j]);
+        a = rs ? 0.f : a;
+        hist[s + 1][j] = fmaf(a, hist[s][j], dxv * k[j]);
+      }
+    }
+#pragma unroll
+    for (int s = kLt - 1; s >= 0; --s) {
+      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
+      const bool rs = sm.kq.rst[s] != 0;
+      float k[NS], kk[NS], q[NS];
+      load_vec(k, &sm.kq.k[s][s0]);
+      load_vec(kk, &sm.kq.kk[s][s0]);
+      load_vec(q, &sm.kq.q[s][s0]);
+      float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+#pragma unroll
+      for (int j = 0; j < NS; ++j) {
+        float a = Tr::decay(delta, kk[j], a2[j]);
+        a = rs ? 0.f : a;
+        const float hp = rs ? 0.f : hist[s][j], hn = hist[s + 1][j];
+        const float gj = fmaf(gy, q[j], g[j]);
+        dxa = fmaf(gj, k[j], dxa);
+        ys = fmaf(q[j], hn, ys);
+        v[NS + j] = gy * hn;
+        Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
+        g[j] = a * gj;
+      }
+      sm.dxa[sg][s][cl] = dxa;
+      sm.dda[sg][s][cl] = dda;
+      sm.ys[sg][s][cl] = ys;
+      const float r = transpose_reduce8(v, lane);
+      const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+      if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
+    }
+    __syncthreads();
+
+    // Per-(t, c) gradients; the |k|^2 term of Longhorn is summed over the warp's 32 channels.
+#pragma unroll
+    for (int i = 0; i < L::kElems; ++i) {
+      const int row = erow + i * L::kRowStride, t = ts + row;
+      const bool ok = ec < p.channels && t < t1;
+      const float delta = sm.delta[row][ecl], x = sm.x[row][ecl], gy = sm.gy[row][ecl];
+      float dxa = 0.f, dda = 0.f, ys = 0.f;
+#pragma unroll
+      for (int g = 0; g < kBwdLanes; ++g) dxa += sm.dxa[g][row][ecl], dda += sm.dda[g][row][ecl], ys += sm.ys[g][row][ecl];
+      const float ddelta = Tr::grad_delta(x, dxa, dda);
+      if (ok) {
+        const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec;
+        static_cast<T*>(p.dx)[off] = from_float<T>(fmaf(delta, dxa, Dc * gy));
+        static_cast<T*>(p.ddt)[off] = from_float<T>(ddelta * sm.ddt_scale[row][ecl]);
+        if (use_z) static_cast<T*>(p.dz)[off] = from_float<T>(sm.dsilu[row][ecl] * fmaf(Dc, x, ys));
+        dD_acc = fmaf(gy, x, dD_acc);
+      }
+      if (Tr::kUsesKsq) {
+        float dk = ok ? -delta * delta * ddelta : 0.f;
+#pragma unroll
+        for (int m = 16; m >= 1; m >>= 1) dk += __shfl_xor_sync(0xffffffffu, dk, m);
+        if (lane == 0 && t < t1) atomicAdd(p.dK + static_cast<size_t>(b) * p.seqlen + t, dk);
+      }
+    }
+    {
+      const int row = tid / 8, part = tid % 8, t = ts + row;
+      if (t < t1) {
+        const float4 v4 = *reinterpret_cast<const float4*>(&sm.red[row][part * 4]);
+        float* dst = (part < 4 ? p.dkin : p.dqout) + (static_cast<size_t>(b) * p.seqlen + t) * kN + (part % 4) * 4;
+        atomic_add4(dst, v4);
+      }
+    }
+    __syncthreads();
+  }
+  if (chunk == 0 && c < p.channels) store_vec(p.dh0 + (static_cast<size_t>(b) * p.channels + c) * kN + s0, g);
+  if (ec < p.channels) atomicAdd(p.dD + ec, dD_acc);
+  if (Tr::kUsesA && c < p.channels) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) atomicAdd(p.dA + static_cast<size_t>(c) * kN + s0 + j, dA[j]);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Host launchers.
+
+template <typename F>
+cudaError_t dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::kFloat32: return f(float{});
+    case DType::kFloat16: return f(__half{});
+    case DType::kBFloat16: return f(__nv_bfloat16{});
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <class Tr, int LANES, typename T>
+cudaError_t launch_fwd(const ScanParams& p) {
+  using L = Layout<LANES>;
+  const dim3 grid((p.channels + L::kCh - 1) / L::kCh, p.nchunks, p.batch);
+  if (p.nchunks > 1) {
+    summary_kernel<Tr, LANES, T, false><<<dim3(grid.x, p.nchunks - 1, p.batch), kThreads, 0, p.stream>>>(p);
+    const cudaError_t err = scan_combine(p, true, false);
+    if (err != cudaSuccess) return err;
+  }
+  fwd_kernel<Tr, LANES, T><<<grid, kThreads, 0, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
+template <class Tr>
+cudaError_t scan_fwd(const ScanParams& p, int lanes) {
+  if (p.chunk_len % kLt != 0 || (lanes != 2 && lanes != 4)) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    return lanes == 2 ? launch_fwd<Tr, 2, T>(p) : launch_fwd<Tr, 4, T>(p);
+  });
+}
+
+template <class Tr>
+cudaError_t scan_bwd(const ScanParams& p) {
+  if (p.chunk_len % kLt != 0 || p.chunk_len > kBwdMaxChunk) return cudaErrorInvalidValue;
+  return dispatch_dtype(p.dtype, [&](auto t) {
+    using T = decltype(t);
+    const dim3 grid((p.channels + 31) / 32, p.nchunks, p.batch);
+    if (p.nchunks > 1) {
+      summary_kernel<Tr, kBwdLanes, T, true><<<grid, kThreads, 0, p.stream>>>(p);
+      const cudaError_t err = scan_combine(p, true, true);
+      if (err != cudaSuccess) return err;
+    }
+    const int smem = (p.chunk_len / kLt) * kThreads * static_cast<int>(sizeof(float4));
+    static const cudaError_t attr = cudaFuncSetAttribute(bwd_kernel<Tr, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                                         kBwdMaxTiles * kThreads * static_cast<int>(sizeof(float4)));
+    if (attr != cudaSuccess) return attr;
+    bwd_kernel<Tr, T><<<grid, kThreads, smem, p.stream>>>(p);
+    return cudaGetLastError();
+  });
+}
+
+}  // namespace selective_scan

@@ -1,0 +1,265 @@
+"""CUDA backend of the selective scans (Longhorn, Mamba-1): JIT build, backends, backward ops.
+
+The kernels live in ``csrc/`` (one templated code path for both scans, see
+``csrc/selective_scan.cuh``). They are built on first use with
+``torch.utils.cpp_extension.load`` (ninja) for the arch of the current GPU and cached under
+``$LONGHORN_ZOO_BUILD_DIR`` (default ``~/.cache/longhorn_zoo/torch_extensions``), keyed by a
+hash of the sources, the torch version and the arch. Without a GPU or nvcc, the backends
+report themselves unavailable and the ops run their reference.
+
+Each scan's ``ops.py`` registers its backend (:func:`longhorn_backend`, :func:`mamba_backend`). Ahead-of-time
+build on a GPU machine: ``python -m plugins.selective_scan.cuda --build``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import hashlib
+import math
+import os
+import shutil
+import warnings
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from trainer.ops import Backend, ScanOp
+
+__all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING"]
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCES = ("binding.cpp", "combine.cu", "longhorn_fwd.cu", "longhorn_bwd.cu", "mamba_fwd.cu", "mamba_bwd.cu")
+HEADERS = ("scan_params.h", "selective_scan.cuh")
+LONGHORN, MAMBA = 0, 1
+STATE_SIZE, TILE, BWD_MAX_CHUNK = 16, 16, 256
+
+# Launch shape. fwd_lanes: threads sharing one channel's 16 states in the forward (2 or 4).
+# fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
+# 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
+TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 2.0, "bwd_blocks_per_sm": 3.0}
+
+
+def _build_dir(tag: str) -> Path:
+    root = os.environ.get("LONGHORN_ZOO_BUILD_DIR") or Path.home() / ".cache" / "longhorn_zoo" / "torch_extensions"
+    path = Path(root) / tag
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _source_hash() -> str:
+    h = hashlib.sha256()
+    for name in SOURCES + HEADERS:
+        h.update((CSRC / name).read_bytes())
+    return h.hexdigest()[:12]
+
+
+@functools.cache
+def load_extension(verbose: bool = False) -> ModuleType:
+    """Build (once, cached on disk) and import the extension for the current GPU.
+
+    Raises:
+        RuntimeError: no CUDA device, or no nvcc (CUDA toolkit) to build with.
+    """
+    from torch.utils import cpp_extension
+
+    if not torch.cuda.is_available():
+        raise RuntimeError("no CUDA device")
+    if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
+        raise RuntimeError("nvcc not found: install the CUDA toolkit or set CUDA_HOME")
+    major, minor = torch.cuda.get_device_capability()
+    arch = f"{major}{minor}"
+    tag = f"ss_{_source_hash()}_sm{arch}_torch{torch.__version__.replace('+', '_').replace('.', '_')}"
+    cuda_flags = ["-O3", "-std=c++17", f"-gencode=arch=compute_{arch},code=sm_{arch}", "-lineinfo"]
+    if verbose:
+        cuda_flags.append("-Xptxas=-v")
+    old_arch_list = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"  # no extra gencode flags from torch
+    try:
+        return cpp_extension.load(
+            name=f"longhorn_zoo_{tag}",
+            sources=[str(CSRC / s) for s in SOURCES],
+            extra_cflags=["-O3"],
+            extra_cuda_cflags=cuda_flags,
+            extra_include_paths=[str(CSRC)],
+            build_directory=str(_build_dir(tag)),
+            verbose=verbose,
+        )
+    finally:
+        if old_arch_list is None:
+            os.environ.pop("TORCH_CUDA_ARCH_LIST", None)
+        else:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = old_arch_list
+
+
+@functools.cache
+def is_available() -> bool:
+    """True when the extension builds and loads here; warns once with the reason otherwise.
+
+    On a machine with no CUDA device it is simply False, without a warning.
+    """
+    if not torch.cuda.is_available():
+        return False
+    try:
+        load_extension()
+    except Exception as e:  # no GPU, no nvcc, a failed build: use the reference
+        warnings.warn(f"selective-scan CUDA kernels unavailable ({e}); the reference scan runs instead", stacklevel=2)
+        return False
+    return True
+
+
+def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
+    """(forward, backward) chunk lengths in steps: enough chunks to fill the GPU, multiples of the tile."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+    def pick(channels_per_block: int, blocks_per_sm: float, max_len: int) -> int:
+        blocks = batch * math.ceil(channels / channels_per_block)
+        nchunks = max(1, min(math.ceil(seqlen / TILE), round(blocks_per_sm * sms / max(blocks, 1))))
+        length = TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
+        return min(length, max_len)
+
+    fwd = pick(128 // int(TUNING["fwd_lanes"]), TUNING["fwd_blocks_per_sm"], 1 << 30)
+    bwd = pick(32, TUNING["bwd_blocks_per_sm"], BWD_MAX_CHUNK)
+    return fwd, bwd
+
+
+def _supported(x: Tensor, kin: Tensor) -> bool:
+    return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and kin.shape[-1] == STATE_SIZE
+
+
+def _prep(x: Tensor, dt: Tensor, kin: Tensor, qout: Tensor, D: Tensor, z: Tensor | None,
+          h0: Tensor | None, reset: Tensor | None) -> tuple[Any, ...]:  # fmt: skip
+    return (
+        x.contiguous(),
+        dt.to(x.dtype).contiguous(),
+        kin.float().contiguous(),
+        qout.float().contiguous(),
+        D.float().contiguous(),
+        None if z is None else z.to(x.dtype).contiguous(),
+        None if h0 is None else h0.float().contiguous(),
+        None if reset is None else reset.bool().contiguous(),
+    )
+
+
+def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, Tensor]:
+    x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
+    A = None if A is None else A.float().contiguous()
+    fwd_len, _ = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
+    y, hT = load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, int(TUNING["fwd_lanes"]), fwd_len)
+    return y, hT
+
+
+def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT) -> list[Tensor]:
+    x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
+    A = None if A is None else A.float().contiguous()
+    _, bwd_len = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
+    dy = dy.to(x.dtype).contiguous()
+    dhT = dhT.float().contiguous()
+    return load_extension().scan_bwd(kind, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, bwd_len)
+
+
+# ---------------------------------------------------------------------------------------------
+# Backward custom ops: opaque nodes for torch.compile, so the CUDA backward traces without a break.
+
+
+@torch.library.custom_op("longhorn_zoo::longhorn_scan_cuda_bwd", mutates_args=())
+def longhorn_scan_cuda_bwd(
+    x: Tensor, dt: Tensor, k: Tensor, q: Tensor, D: Tensor, z: Tensor | None, initial_state: Tensor | None,
+    reset: Tensor | None, dy: Tensor, d_final_state: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (dx, ddt, dk, dq, dD, dz, d_initial_state) of the Longhorn scan; dz is empty without z."""
+    dx, ddt, dk, dq, _, dD, dz, dh0 = _run_bwd(
+        LONGHORN, x, dt, k, q, None, D, z, initial_state, reset, dy, d_final_state
+    )
+    return dx.to(x.dtype), ddt.to(dt.dtype), dk.to(k.dtype), dq.to(q.dtype), dD.to(D.dtype), dz, dh0
+
+
+@longhorn_scan_cuda_bwd.register_fake
+def _(x, dt, k, q, D, z, initial_state, reset, dy, d_final_state):
+    dz = torch.empty_like(x) if z is not None else x.new_empty(0)
+    dh0 = x.new_empty(x.shape[0], x.shape[2], k.shape[-1], dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(k), torch.empty_like(q), torch.empty_like(D),
+            dz, dh0)  # fmt: skip
+
+
+@torch.library.custom_op("longhorn_zoo::mamba_scan_cuda_bwd", mutates_args=())
+def mamba_scan_cuda_bwd(
+    x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
+    initial_state: Tensor | None, reset: Tensor | None, dy: Tensor, d_final_state: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, d_initial_state) of the Mamba scan; dz is empty without z."""
+    dx, ddt, dB, dC, dA, dD, dz, dh0 = _run_bwd(MAMBA, x, dt, B, C, A, D, z, initial_state, reset, dy, d_final_state)
+    return (dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
+            dh0)  # fmt: skip
+
+
+@mamba_scan_cuda_bwd.register_fake
+def _(x, dt, A, B, C, D, z, initial_state, reset, dy, d_final_state):
+    dz = torch.empty_like(x) if z is not None else x.new_empty(0)
+    dh0 = x.new_empty(x.shape[0], x.shape[2], B.shape[-1], dtype=torch.float32)
+    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
+            torch.empty_like(D), dz, dh0)  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# Backends
+
+
+def _grads_or_zeros(outputs: tuple[Tensor, ...], grads: tuple[Tensor | None, ...]) -> tuple[Tensor, Tensor]:
+    dy, dhT = grads
+    return (torch.zeros_like(outputs[0]) if dy is None else dy, torch.zeros_like(outputs[1]) if dhT is None else dhT)
+
+
+def longhorn_backend(op: ScanOp) -> Backend:
+    """The "cuda" backend of ``longhorn_zoo::longhorn_scan``; ``plugins/longhorn/ops.py`` registers it."""
+
+    def forward(x, dt, k, q, D, z, initial_state, reset):
+        if not _supported(x, k):
+            return op.reference(x, dt, k, q, D, z, initial_state, reset)
+        return _run_fwd(LONGHORN, x, dt, k, q, None, D, z, initial_state, reset)
+
+    def backward(inputs, outputs, grads):
+        x, dt, k, q, D, z, h0, reset = inputs
+        if not _supported(x, k):
+            return op._reference_vjp(list(inputs), outputs, grads)
+        dy, dhT = _grads_or_zeros(outputs, grads)
+        dx, ddt, dk, dq, dD, dz, dh0 = longhorn_scan_cuda_bwd(x, dt, k, q, D, z, h0, reset, dy, dhT)
+        return dx, ddt, dk, dq, dD, (None if z is None else dz), (None if h0 is None else dh0), None
+
+    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward)
+
+
+def mamba_backend(op: ScanOp) -> Backend:
+    """The "cuda" backend of ``longhorn_zoo::mamba_scan``; ``plugins/mamba/ops.py`` registers it."""
+
+    def forward(x, dt, A, B, C, D, z, initial_state, reset):
+        if not _supported(x, B):
+            return op.reference(x, dt, A, B, C, D, z, initial_state, reset)
+        return _run_fwd(MAMBA, x, dt, B, C, A, D, z, initial_state, reset)
+
+    def backward(inputs, outputs, grads):
+        x, dt, A, B, C, D, z, h0, reset = inputs
+        if not _supported(x, B):
+            return op._reference_vjp(list(inputs), outputs, grads)
+        dy, dhT = _grads_or_zeros(outputs, grads)
+        dx, ddt, dA, dB, dC, dD, dz, dh0 = mamba_scan_cuda_bwd(x, dt, A, B, C, D, z, h0, reset, dy, dhT)
+        return dx, ddt, dA, dB, dC, dD, (None if z is None else dz), (None if h0 is None else dh0), None
+
+    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--build", action="store_true", help="build the extension for the current GPU now")
+    parser.add_argument("--verbose", action="store_true", help="show the compiler output (registers, spills)")
+    args = parser.parse_args()
+    if args.build:
+        ext = load_extension(verbose=args.verbose)
+        print(f"built {ext.__name__} from {ext.__file__}")
+
+
+if __name__ == "__main__":
+    main()
