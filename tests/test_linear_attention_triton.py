@@ -1,0 +1,245 @@
+"""The Triton linear-attention kernels against a float64 token-by-token loop.
+
+Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on tiny
+shapes with 16-step chunks, so that every case crosses chunk boundaries and ends in a
+partial chunk. With CUDA the same checks run at real sizes in bf16 and fp32, plus
+``torch.compile(fullgraph=True)`` through a scan op with the backend registered.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from trainer.ops import define_scan_op
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+
+CUDA = torch.cuda.is_available()
+KERNELS = "plugins.linear_attention.triton_chunk_kernels"
+
+if not CUDA and importlib.util.find_spec("triton") is not None and KERNELS not in sys.modules:
+    # The interpreter is chosen when the kernels are decorated, so set it just for that import.
+    _saved = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    importlib.import_module(KERNELS)
+    if _saved is None:
+        del os.environ["TRITON_INTERPRET"]
+    else:
+        os.environ["TRITON_INTERPRET"] = _saved
+
+
+def _interpreted() -> bool:
+    if KERNELS not in sys.modules:
+        return False
+    from triton.runtime.interpreter import InterpretedFunction
+
+    return isinstance(sys.modules[KERNELS]._fwd_state, InterpretedFunction)
+
+
+@pytest.fixture
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tiny chunks, and triton 3.6's interpreter made to work with numpy >= 2.4 (int() of a 1-element array)."""
+    if not _interpreted():
+        pytest.skip("the Triton kernels were compiled for a GPU in this process")
+    import triton.runtime.interpreter as interp
+
+    from plugins.linear_attention import triton_chunk_ops
+
+    original = interp._patch_lang_tensor
+
+    def patch(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    monkeypatch.setattr(interp, "_patch_lang_tensor", patch)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton consults it again when launching
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 16)
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", 16)
+
+
+def naive_scan(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    log_decay: Tensor,
+    bonus: Tensor | None,
+    scale: float,
+    initial_state: Tensor | None,
+    reset: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Token-by-token linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t
+    (with a bonus u: o_t = scale q_t^T (S_{t-1} + diag(u) k_t v_t^T))."""
+    B, T, H, K = q.shape
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k, v, g = q.to(cd), k.to(cd), v.to(cd), log_decay.to(cd)
+    S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(cd)
+    if g.dim() == 1:
+        g = g.view(1, 1, H, 1).expand(B, T, H, K)
+    outs = []
+    for t in range(T):
+        if reset is not None:
+            S = S * (~reset[:, t]).to(cd).view(B, 1, 1, 1)
+        kv = k[:, t, :, :, None] * v[:, t, :, None, :]
+        if bonus is None:
+            S = S * g[:, t].exp()[..., None] + kv
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+        else:
+            outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S + bonus.to(cd)[None, :, :, None] * kv))
+            S = S * g[:, t].exp()[..., None] + kv
+    return (scale * torch.stack(outs, 1)).to(q.dtype), S
+
+
+def _naive_fake(q, k, v, log_decay, bonus, scale, initial_state, reset):
+    cd = torch.float64 if q.dtype == torch.float64 else torch.float32
+    return q.new_empty(*q.shape[:3], v.shape[-1]), q.new_empty(
+        q.shape[0], q.shape[2], q.shape[3], v.shape[-1], dtype=cd
+    )
+
+
+def make_inputs(variant, B, T, H, K, V, dtype, device, h0=True, reset=True, strong_decay=False):
+    """Random inputs of one variant: "gla", "retnet" (per-head decay) or "rwkv" (bonus)."""
+    mk = lambda *s: torch.randn(*s, device=device, dtype=torch.float32)  # noqa: E731
+    q, k, v = mk(B, T, H, K), mk(B, T, H, K), mk(B, T, H, V)
+    if variant == "retnet":
+        g = torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, device=device, dtype=torch.float32)))
+    else:
+        g = -4.0 - torch.rand(B, T, H, K, device=device) if strong_decay else F.logsigmoid(mk(B, T, H, K) + 2.0)
+    u = mk(H, K) if variant == "rwkv" else None
+    s0 = mk(B, H, K, V) if h0 else None
+    rs = (torch.rand(B, T, device=device) < 0.08) if reset else None
+    if rs is not None:
+        rs[0, T // 2] = True
+    cast = lambda x: None if x is None else x.to(dtype)  # noqa: E731
+    return cast(q), cast(k), cast(v), cast(g), cast(u), K**-0.5, s0 if s0 is None else s0.to(torch.float32), rs
+
+
+def check(inputs, tol_out, tol_grad, final_grad=True):
+    """Compare the Triton forward and backward against the float64 naive loop; return the errors."""
+    from plugins.linear_attention.triton_chunk import TRITON_BACKEND
+
+    q, k, v, g, u, scale, s0, rs = inputs
+    ref_in = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, g, u, s0)]
+    o_ref, ht_ref = naive_scan(*ref_in[:5], scale, ref_in[5], rs)
+    do = torch.randn_like(o_ref)
+    dht = torch.randn_like(ht_ref) if final_grad else None
+    loss = (o_ref * do).sum() + ((ht_ref * dht).sum() if final_grad else 0)
+    wanted = [x for x in ref_in if x is not None]
+    grads_ref = dict(
+        zip([n for n, x in zip("q k v g u s0".split(), ref_in) if x is not None], torch.autograd.grad(loss, wanted))
+    )
+
+    o, ht = TRITON_BACKEND.forward(q, k, v, g, u, scale, s0, rs)
+    assert o.dtype == q.dtype and o.shape == o_ref.shape and ht.shape == ht_ref.shape
+    err = lambda a, b: ((a.double() - b).norm() / b.norm().clamp_min(1e-30)).item()  # noqa: E731 (b = 0 after a reset at t = 0)
+    errors = {"o": err(o, o_ref), "final_state": err(ht, ht_ref)}
+    grads = TRITON_BACKEND.backward(
+        (q, k, v, g, u, scale, s0, rs), (o, ht), (do.to(q.dtype), None if dht is None else dht.float())
+    )
+    assert grads[5] is None and grads[7] is None
+    for name, gr in zip("q k v g u - s0 -".split(), grads):
+        if name in grads_ref:
+            assert gr is not None and gr.shape == grads_ref[name].shape, name
+            errors["d" + name] = err(gr, grads_ref[name])
+        else:
+            assert gr is None, name
+    for name, e in errors.items():
+        tol = tol_out if name in ("o", "final_state") else tol_grad
+        assert e < tol, f"{name}: relative error {e:.2e} >= {tol:.0e} (all: {errors})"
+    return errors
+
+
+VARIANTS = ["gla", "retnet", "rwkv"]
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpreter_matches_naive_with_state_and_resets(interpreter, variant):
+    check(make_inputs(variant, 2, 37, 2, 16, 16, torch.float64, "cpu"), 1e-5, 1e-5)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpreter_no_state_no_reset_one_partial_chunk(interpreter, variant):
+    check(
+        make_inputs(variant, 1, 11, 2, 16, 16, torch.float64, "cpu", h0=False, reset=False),
+        1e-5,
+        1e-5,
+        final_grad=False,
+    )
+
+
+def test_interpreter_uneven_key_and_value_sizes(interpreter):
+    check(make_inputs("rwkv", 1, 33, 1, 24, 40, torch.float64, "cpu"), 1e-5, 1e-5)
+
+
+def test_interpreter_strong_decay(interpreter, monkeypatch):
+    """Log decays of -4 to -5 a step with the real chunk size: the factored pair weights stay finite."""
+    from plugins.linear_attention import triton_chunk_ops
+
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 32)
+    check(make_inputs("rwkv", 1, 70, 2, 16, 16, torch.float64, "cpu", strong_decay=True), 1e-5, 1e-4)
+
+
+def test_interpreter_float32_inputs(interpreter):
+    check(make_inputs("gla", 1, 24, 2, 16, 16, torch.float32, "cpu"), 1e-5, 1e-5)
+
+
+def test_register_triton_backend_adds_a_cuda_backend():
+    from plugins.linear_attention.triton_chunk import register_triton_backend
+
+    op = define_scan_op("longhorn_zoo_test::linear_attn_register", naive_scan, _naive_fake)
+    register_triton_backend(op)
+    assert [(b.name, b.device_type) for b in op.backends] == [("triton", "cuda")]
+
+
+# ---- on a GPU, at real sizes ----
+
+gpu = pytest.mark.skipif(not CUDA, reason="needs CUDA")
+REAL = {"gla": (2, 1000, 4, 128, 128), "retnet": (2, 1000, 4, 128, 128), "rwkv": (2, 1000, 8, 64, 64)}
+
+
+@gpu
+@pytest.mark.parametrize("chunk", [32, 64])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_bf16_matches_naive(variant, chunk, monkeypatch):
+    from plugins.linear_attention import triton_chunk_ops
+
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", chunk)
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", chunk)
+    torch.manual_seed(0)
+    print(variant, chunk, check(make_inputs(variant, *REAL[variant], torch.bfloat16, "cuda"), 1e-2, 2e-2))
+
+
+@gpu
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_float32_matches_naive(variant):
+    torch.manual_seed(1)
+    print(variant, "fp32", check(make_inputs(variant, *REAL[variant], torch.float32, "cuda"), 3e-3, 5e-3))
+
+
+@gpu
+def test_gpu_compiled_scan_op_fullgraph():
+    """Through a scan op with the backend registered, compiled with fullgraph=True, fwd and bwd."""
+    from plugins.linear_attention.triton_chunk import register_triton_backend
+
+    op = define_scan_op("longhorn_zoo_test::linear_attn_compiled", naive_scan, _naive_fake)
+    register_triton_backend(op)
+    torch.manual_seed(2)
+    q, k, v, g, u, scale, s0, rs = make_inputs("rwkv", 2, 300, 4, 64, 64, torch.bfloat16, "cuda")
+    leaves = [x.requires_grad_() for x in (q, k, v, g, u, s0)]
+
+    def loss(scan, q, k, v, g, u, s0):
+        o, ht = scan(q, k, v, g, u, scale, s0, rs)
+        return o.float().square().sum() + ht.sum()
+
+    compiled = torch.compile(lambda *x: loss(op, *x), fullgraph=True)
+    grads = torch.autograd.grad(compiled(*leaves), leaves)
+    ref_in = [x.detach().double().requires_grad_() for x in leaves]
+    grads_ref = torch.autograd.grad(loss(naive_scan, *ref_in), ref_in)
+    for gr, gref in zip(grads, grads_ref):
+        assert ((gr.double() - gref).norm() / gref.norm()).item() < 3e-2
