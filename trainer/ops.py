@@ -11,7 +11,9 @@ that
 * has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` treats
   the op as one opaque node with no graph break;
 * can take fast backends later (:meth:`ScanOp.register_backend`), for example a
-  CUDA extension or Triton kernels, without changing any caller.
+  CUDA extension or Triton kernels, without changing any caller;
+* carries tiny example inputs (``example_inputs``) on which the conformance suite
+  (:mod:`trainer.conformance`) runs gradcheck and ``torch.library.opcheck``.
 
 Which backend runs is chosen per call from the device of the first tensor
 argument and the process-wide preference set by :func:`set_backend_preference`
@@ -30,6 +32,7 @@ from torch import Tensor
 
 __all__ = [
     "Backend",
+    "ExampleInputs",
     "ScanOp",
     "define_scan_op",
     "set_backend_preference",
@@ -39,6 +42,14 @@ __all__ = [
 
 REFERENCE = "reference"
 _preference: str = "auto"
+
+ExampleInputs = Callable[[torch.dtype, torch.Generator], Sequence[tuple[Any, ...]]]
+"""``example_inputs(dtype, generator) -> [args, ...]``: argument tuples for a scan op.
+
+Each tuple is one call of the op on CPU, with floating-point tensors of ``dtype``
+drawn from ``generator``. Keep them tiny (gradcheck runs in float64 on each) and
+cover the optional arguments: one call with them None and one with them given.
+"""
 
 
 def set_backend_preference(name: str) -> None:
@@ -94,9 +105,11 @@ class ScanOp:
         qualname: str,
         reference: Callable[..., tuple[Tensor, ...]],
         fake: Callable[..., tuple[Tensor, ...]],
+        example_inputs: ExampleInputs | None = None,
     ) -> None:
         self.qualname = qualname
         self.reference = reference
+        self.example_inputs = example_inputs
         self.backends: list[Backend] = []
         self._params = list(inspect.signature(reference).parameters)
         self.op = torch.library.custom_op(qualname, mutates_args=())(reference)
@@ -196,6 +209,8 @@ def define_scan_op(
     qualname: str,
     reference: Callable[..., tuple[Tensor, ...]],
     fake: Callable[..., tuple[Tensor, ...]],
+    *,
+    example_inputs: ExampleInputs | None = None,
 ) -> ScanOp:
     """Register ``reference`` as the custom op ``qualname`` and return its :class:`ScanOp`.
 
@@ -208,8 +223,11 @@ def define_scan_op(
             differentiate it; it runs on any device.
         fake: Same signature; returns empty tensors of the outputs' shapes and
             dtypes (``torch.empty`` / ``new_empty``), used under ``torch.compile``.
+        example_inputs: Optional :data:`ExampleInputs`, tiny argument tuples for
+            the conformance suite's gradcheck and opcheck; the suite fails an op
+            that has none, since it cannot check it.
 
     Returns:
         The op, callable like ``reference``.
     """
-    return ScanOp(qualname, reference, fake)
+    return ScanOp(qualname, reference, fake, example_inputs)

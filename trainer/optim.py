@@ -12,11 +12,16 @@ from trainer.config import Optimizer as OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
-    """AdamW with weight decay on parameters of two or more dimensions only (not norms, biases, D)."""
+    """AdamW with weight decay on parameters of two or more dimensions only (not norms, biases, D).
+
+    A module opts its own parameters out of weight decay by naming them in a
+    ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``); see :mod:`trainer.hookspecs`.
+    """
+    exempt = {id(mod.get_parameter(name)) for mod in model.modules() for name in getattr(mod, "no_weight_decay", ())}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
+            (decay if p.ndim >= 2 and id(p) not in exempt else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 

@@ -20,9 +20,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from plugins.selective_scan.reference import compute_dtype
 from trainer.hookspecs import MixerArgs
 
 State = tuple[Tensor, Tensor]
+
+
+def flops_per_token(args: MixerArgs, seq_len: int) -> float:
+    """Forward FLOPs per token of one block: matmuls (2 per weight) plus about 6 per state element in the scan.
+
+    Serves as ``MixerSpec.flops_per_token`` for every mixer built on :class:`SelectiveBlock`.
+    """
+    o = args.options
+    e, n = int(o["expand"]) * args.dim, int(o["d_state"])
+    r = int(o["dt_rank"]) or -(-args.dim // 16)
+    weights = args.dim * 2 * e + e * (r + 2 * n) + r * e + e * args.dim + e * int(o["conv_kernel"])
+    return 2.0 * weights + 6.0 * e * n
 
 
 class SelectiveBlock(nn.Module):
@@ -80,7 +93,7 @@ class SelectiveBlock(nn.Module):
         bsz = u.shape[0]
         if state is None:
             state = (u.new_zeros(bsz, self.d_inner, self.conv_kernel - 1),
-                     u.new_zeros(bsz, self.d_inner, self.d_state, dtype=torch.float32))
+                     u.new_zeros(bsz, self.d_inner, self.d_state, dtype=compute_dtype(u)))
         conv_state, h = state
         x, z = self.in_proj(u).chunk(2, dim=-1)
         window = torch.cat([conv_state.to(x.dtype), x.unsqueeze(-1)], dim=-1)  # (B, E, K)

@@ -1,0 +1,24 @@
+"""gla: Gated Linear Attention (Yang et al. 2023, arXiv 2312.06635) as a longhorn-zoo plugin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.hookspecs import MixerSpec, hookimpl
+
+
+@hookimpl
+def longhorn_zoo_mixers() -> list[MixerSpec]:
+    from plugins.gla.mixer import GLA
+    from plugins.linear_attention.layer import flops_per_token
+    from plugins.linear_attention.ops import linear_attn_scan
+
+    return [
+        MixerSpec(
+            name="gla",
+            build=GLA,
+            defaults=Path(__file__).with_name("defaults.toml"),
+            ops=(linear_attn_scan,),
+            flops_per_token=flops_per_token(GLA),
+        )
+    ]

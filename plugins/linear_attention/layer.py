@@ -1,0 +1,137 @@
+"""The module skeleton shared by the gla, retnet and rwkv mixers.
+
+    q, k, v, log_decay, gate = features(x)                      # the mixer's own part
+    o, S = linear_attn_scan(q, k, v, log_decay, u, scale, S)    # per head, state S (K, V)
+    y    = W_o (HeadNorm(o) * SiLU(gate))
+
+HeadNorm is an RMSNorm over each head's V channels with a learned weight per
+channel. It stands in for the papers' group norm (GLA: RMSNorm per head as in
+fla; RetNet and RWKV: GroupNorm, i.e. LayerNorm per head, without the mean).
+
+The recurrent state is ``(context, S)``: ``context`` is what the mixer's features
+need from the past (None for GLA, the position for RetNet's rotary, the last
+token for RWKV's token shift) and S is (B, H, K, V) in float32.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
+from trainer.hookspecs import MixerArgs
+
+
+class Features(NamedTuple):
+    """What a mixer's projections give the scan: q, k (B, T, H, K), v (B, T, H, V), the log decay
+    ((B, T, H, K) or (H,)), the output gate (B, T, H * V) and the context for the next call."""
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    log_decay: Tensor
+    gate: Tensor
+    context: Any
+
+
+class RecurrentMixer(nn.Module):
+    """``forward`` and ``step`` of the mixer contract, both from one ``mix(x, state, recurrent)``."""
+
+    def mix(self, x: Tensor, state: Any, recurrent: bool) -> tuple[Tensor, Any]:
+        """(B, T, D) to (B, T, D) and the new state; ``recurrent`` (T = 1) uses the single-step op."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False) -> Any:
+        y, state = self.mix(x, state, recurrent=False)
+        return (y, state) if return_state else y
+
+    def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
+        y, state = self.mix(x.unsqueeze(1), state, recurrent=True)
+        return y.squeeze(1), state
+
+
+class LinearAttention(RecurrentMixer):
+    """Base of the three mixers: subclasses define :meth:`features`, :meth:`init_features`,
+    ``scale`` and, for RWKV, the ``bonus`` parameter (H, K/H)."""
+
+    def __init__(self, dim: int, n_heads: int, key_dim: int, value_dim: int, n_layers: int,
+                 scale: float | None = None) -> None:
+        super().__init__()
+        if key_dim % n_heads or value_dim % n_heads:
+            raise ValueError(f"key dim {key_dim} and value dim {value_dim} must be multiples of n_heads {n_heads}")
+        self.n_heads, self.head_k, self.head_v = n_heads, key_dim // n_heads, value_dim // n_heads
+        self.scale = self.head_k**-0.5 if scale is None else scale
+        self.register_parameter("bonus", None)
+        self.norm_weight = nn.Parameter(torch.empty(value_dim))
+        self.o_proj = nn.Linear(value_dim, dim, bias=False)
+        self.out_std = 0.02 / math.sqrt(2 * n_layers)
+
+    def features(self, x: Tensor, context: Any) -> Features:
+        raise NotImplementedError
+
+    def init_features(self) -> None:
+        """Initialise the subclass's own parameters."""
+        raise NotImplementedError
+
+    def heads(self, x: Tensor) -> Tensor:
+        """(B, T, H * X) as (B, T, H, X)."""
+        return x.unflatten(-1, (self.n_heads, -1))
+
+    def mix(self, x: Tensor, state: tuple[Any, Tensor] | None, recurrent: bool) -> tuple[Tensor, tuple[Any, Tensor]]:
+        context, s = (None, None) if state is None else state
+        f = self.features(x, context)
+        if recurrent:
+            if s is None:
+                cd = torch.float64 if x.dtype == torch.float64 else torch.float32
+                s = x.new_zeros(x.shape[0], self.n_heads, self.head_k, self.head_v, dtype=cd)
+            g = f.log_decay[:, 0] if f.log_decay.dim() == 4 else f.log_decay
+            o, s = linear_attn_step(f.q[:, 0], f.k[:, 0], f.v[:, 0], g, self.bonus, self.scale, s)
+            o = o.unsqueeze(1)
+        else:
+            o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.bonus, self.scale, s, None)
+        o = F.rms_norm(o, (self.head_v,), eps=1e-5).flatten(2) * self.norm_weight
+        return self.o_proj(o * F.silu(f.gate)), (f.context, s)
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        nn.init.ones_(self.norm_weight)
+        nn.init.trunc_normal_(self.o_proj.weight, std=self.out_std)
+        self.init_features()
+
+    def scan_flops_per_token(self) -> float:
+        """State update and readout: about 4 flops per state element per token."""
+        return 4.0 * self.n_heads * self.head_k * self.head_v
+
+
+def flops_per_token(build: Callable[[MixerArgs], nn.Module]) -> Callable[[MixerArgs, int], float]:
+    """A ``MixerSpec.flops_per_token`` for ``build``: 2 x the layer's weights plus its scan."""
+
+    def count(args: MixerArgs, seq_len: int) -> float:
+        with torch.device("meta"):
+            mixer = build(args)
+        attn = next(m for m in mixer.modules() if isinstance(m, LinearAttention))
+        return 2.0 * sum(p.numel() for p in mixer.parameters()) + attn.scan_flops_per_token()
+
+    return count
+
+
+def assign_(param: Tensor, value: Tensor) -> None:
+    """``param.copy_(value)`` for a value computed in full on every rank, also when ``param`` is an
+    FSDP-sharded DTensor (each rank keeps its own shard of ``value``; no communication)."""
+    value = value.to(device=param.device, dtype=param.dtype)
+    if hasattr(param, "device_mesh"):
+        from torch.distributed.tensor import distribute_tensor
+
+        value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
+    param.copy_(value)
+
+
+def token_shift(x: Tensor, last: Tensor | None) -> tuple[Tensor, Tensor]:
+    """x_{t-1} for every t of x (B, T, D), starting from ``last`` (B, D) or zeros; and x's last token."""
+    first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last.unsqueeze(1).to(x.dtype)
+    return torch.cat([first, x[:, :-1]], dim=1), x[:, -1]

@@ -1,0 +1,24 @@
+"""retnet: multi-scale retention (Sun et al. 2023, arXiv 2307.08621) as a longhorn-zoo plugin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from trainer.hookspecs import MixerSpec, hookimpl
+
+
+@hookimpl
+def longhorn_zoo_mixers() -> list[MixerSpec]:
+    from plugins.linear_attention.layer import flops_per_token
+    from plugins.linear_attention.ops import linear_attn_scan
+    from plugins.retnet.mixer import RetNet
+
+    return [
+        MixerSpec(
+            name="retnet",
+            build=RetNet,
+            defaults=Path(__file__).with_name("defaults.toml"),
+            ops=(linear_attn_scan,),
+            flops_per_token=flops_per_token(RetNet),
+        )
+    ]
