@@ -23,6 +23,10 @@ class ConfigError(ValueError):
     """A bad config value, key or file. The message names it and the fix."""
 
 
+class _CliText(str):
+    """A ``--model.mixer.*`` value as typed; converted once the option's type is known."""
+
+
 def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
     """A config field with its help text (and valid choices for strings)."""
     meta = {"help": help, "choices": choices}
@@ -42,7 +46,8 @@ class Model:
     name: str = opt("longhorn", "Mixer plugin name (see `python -m trainer.plugins`).")
     dim: int = opt(256, "Model width D.")
     n_layers: int = opt(4, "Number of residual blocks.")
-    vocab_size: int = opt(256, "Vocabulary size (padded to a multiple of 64 by tokenizers that need it).")
+    vocab_size: int = opt(256, "Vocabulary size; at least the data's (tokenizers pad theirs to a multiple of "
+                          "64, e.g. gpt2 50304). -1 takes it from the data.")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
     mlp: bool = opt(True, "Add a SwiGLU MLP after the mixer in each block (plugins may default it off).")
     mlp_ratio: float = opt(8 / 3, "SwiGLU hidden size as a multiple of dim (rounded up to a multiple of 64).")
@@ -81,32 +86,87 @@ class Training:
     mixed_precision: str = opt("auto", "Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.",
                                choices=("auto", "bf16", "fp32"))
     device: str = opt("auto", "auto (CUDA if present, else CPU), cuda or cpu.", choices=("auto", "cuda", "cpu"))
+    eval_interval: int = opt(0, "Steps between validation-loss evaluations (0: only after the last step).")
+    eval_batches: int = opt(4, "Validation batches per evaluation.")
 
 
 @dataclass
 class Data:
-    dataset: str = opt("bytes", "Data source: bytes (byte-level LM on the embedded corpus) or mqar "
-                       "(multi-query associative recall).", choices=("bytes", "mqar"))
+    dataset: str = opt("bytes", "Data source: bytes (byte-level LM on the embedded corpus), mqar "
+                       "(multi-query associative recall), text (tokenize `source` on the fly) or shards "
+                       "(token shards from data/prepare.py; the fast path). See docs/data.md.",
+                       choices=("bytes", "mqar", "text", "shards"))
     mqar_num_kv_pairs: int = opt(8, "MQAR: key-value pairs per sequence.")
     mqar_vocab_size: int = opt(64, "MQAR: tokens used for keys and for values (each half of the range).")
     val_fraction: float = opt(0.05, "Fraction of the corpus held out for validation (bytes).")
+    source: str = opt("", "text: a Hugging Face hub dataset id or alias (slimpajama, openwebtext, fineweb-edu), "
+                      "streamed, or a local txt/jsonl/parquet file, glob or folder.")
+    hf_config: str = opt("", "text: the hub dataset's config name (e.g. sample-10BT); empty for the default.")
+    hf_revision: str = opt("", "text: the hub dataset's branch, tag or commit; empty for main. "
+                           "refs/convert/parquet reads the Parquet export of a script-based dataset.")
+    text_field: str = opt("text", "text: the column holding each document's text.")
+    txt_sample_by: str = opt("paragraph", "text, txt files: one document per line, paragraph (blank-line "
+                             "separated) or document (whole file).", choices=("line", "paragraph", "document"))
+    val_split: str = opt("", "text: the source's split used for validation (e.g. validation); empty holds out "
+                         "the first val_docs train documents.")
+    val_docs: int = opt(1000, "text: leading train documents held out for validation when val_split is empty.")
+    tokenizer: str = opt("gpt2", "text: bytes (EOS = NUL, vocab 256), a tiktoken encoding (gpt2, r50k_base, "
+                         "cl100k_base, o200k_base) or a local .tiktoken file. shards record their own.")
+    shard_dir: str = opt("", "shards: the folder data/prepare.py wrote (with train/ and val/ inside).")
+    shuffle: bool = opt(True, "shards: visit the sequences in a seeded random order each epoch.")
 
 
 @dataclass
 class Checkpoint:
-    enable: bool = opt(False, "Save checkpoints under <dump_folder>/<folder>.")
+    enable: bool = opt(False, "Save DCP checkpoints under <dump_folder>/<folder>/step-N and resume from the "
+                       "newest complete one at start-up.")
     folder: str = opt("checkpoint", "Checkpoint folder, relative to the dump folder.")
-    interval: int = opt(500, "Steps between checkpoints.")
+    interval: int = opt(500, "Steps between checkpoints; the last step is always saved.")
+    keep_latest_k: int = opt(0, "Keep only the newest k complete checkpoints; 0 keeps all.")
+    async_mode: str = opt("disabled", "disabled: save blocks training; async: copy to CPU, then write in a "
+                          "background thread while training goes on.", choices=("disabled", "async"))
+    load_step: int = opt(-1, "Resume from this step's checkpoint (an error if it is missing or corrupt); "
+                         "-1 resumes from the newest complete one, falling back past corrupt ones.")
+    export_on_finish: bool = opt(False, "At the end, also write <folder>/model.pt: the model weights only "
+                                 "(full tensors, torch.save), loadable with torch.load(weights_only=True).")
+    export_dtype: str = opt("float32", "dtype of the exported weights.", choices=("float32", "bfloat16"))
+    create_seed_checkpoint: bool = opt(False, "On one rank: initialise the model, save its weights as step-0 and "
+                                       "exit. Runs of any rank count that resume from it start from the same "
+                                       "weights (sharded initialisation depends on the sharding).")
 
 
 @dataclass
 class Parallelism:
-    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 uses every rank.")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 uses every rank not used by replication.")
+    data_parallel_replicate_degree: int = opt(1, "HSDP replicate degree: >1 makes a 2-D (replicate x shard) "
+                                              "mesh, e.g. nodes x GPUs per node. 1 is plain FSDP.")
+    mixed_precision_reduce: str = opt("float32", "dtype of FSDP's gradient reduce-scatter (params are gathered "
+                                      "in bf16 when training.mixed_precision gives bf16).",
+                                      choices=("float32", "bfloat16"))
 
 
 @dataclass
 class Compile:
-    enable: bool = opt(False, "torch.compile each block (fullgraph).")
+    enable: bool = opt(False, "torch.compile each block separately with fullgraph=True (no graph breaks).")
+    backend: str = opt("inductor", "torch.compile backend (inductor; aot_eager to debug).")
+
+
+@dataclass
+class ActivationCheckpoint:
+    mode: str = opt("none", "none; selective (see selective_ac_option); full: recompute every block in backward.",
+                    choices=("none", "selective", "full"))
+    selective_ac_option: str = opt("2", "selective only: an integer N checkpoints every N-th block; 'op' "
+                                   "checkpoints every block but saves the matmul and attention outputs, "
+                                   "recomputing only the cheap element-wise ops.")
+
+
+@dataclass
+class Float8:
+    enable: bool = opt(False, "Train the Linear layers in float8 with torchao's convert_to_float8_training "
+                       "(needs torchao and a GPU of compute capability 8.9+, e.g. H100/H200).")
+    enable_fsdp_float8_all_gather: bool = opt(False, "All-gather FSDP parameters in float8 (halves all-gather "
+                                              "bytes).")
+    filter_fqns: list = opt(["output"], "Linear layers whose name contains one of these stay in high precision.")
 
 
 @dataclass
@@ -114,6 +174,8 @@ class Metrics:
     log_freq: int = opt(10, "Steps between console and TensorBoard logs.")
     enable_tensorboard: bool = opt(True, "Write TensorBoard events under <dump_folder>/<save_tb_folder>.")
     save_tb_folder: str = opt("tb", "TensorBoard folder, relative to the dump folder.")
+    enable_jsonl: bool = opt(False, "Also append each log step's metrics as a JSON line to "
+                             "<dump_folder>/metrics.jsonl (exact floats, for tests and scripts).")
 
 
 @dataclass
@@ -127,6 +189,8 @@ class JobConfig:
     checkpoint: Checkpoint = field(default_factory=Checkpoint)
     parallelism: Parallelism = field(default_factory=Parallelism)
     compile: Compile = field(default_factory=Compile)
+    activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
+    float8: Float8 = field(default_factory=Float8)
     metrics: Metrics = field(default_factory=Metrics)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
@@ -233,7 +297,7 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--{dotted}: unknown section {sec_name!r}; valid sections: {', '.join(sections)}."
                               + _suggest(sec_name, list(sections)))
         if len(parts) == 3 and parts[:2] == ["model", "mixer"]:
-            table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _parse_cli_value(f"--{dotted}", text, str)
+            table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _CliText(text)
             continue
         if len(parts) != 2:
             raise ConfigError(f"--{dotted}: expected --section.key")
@@ -268,8 +332,8 @@ def _check_mixer_options(cfg: JobConfig, mixer_defaults: dict[str, Any]) -> None
             raise ConfigError(f"unknown key model.mixer.{key} for mixer {cfg.model.name!r}; valid keys: {valid}."
                               + _suggest(key, list(mixer_defaults)))
         default = mixer_defaults[key]
-        if isinstance(value, str) and not isinstance(default, str):  # came from the command line
-            value = _parse_cli_value(f"model.mixer.{key}", value, type(default))
+        if isinstance(value, _CliText):
+            value = _parse_cli_value(f"--model.mixer.{key}", str(value), type(default))
         resolved[key] = _coerce(f"model.mixer.{key}", value, type(default), None)
     cfg.model.mixer = resolved
 

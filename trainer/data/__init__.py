@@ -2,21 +2,33 @@
 
 Every loader yields dicts with ``inputs`` and ``labels`` (B, T) int64 tensors
 (labels equal to ``IGNORE`` are not scored) and has ``state_dict`` /
-``load_state_dict`` so a resumed run continues with the same batches.
+``load_state_dict`` so a resumed run continues with the same batches. The text and
+shards loaders also yield ``reset`` (B, T) bool: True where a new document starts.
+
+Where each dataset lives: ``mqar`` and ``bytes`` (``text.py``) are generated or
+embedded; ``text`` streams documents from a source (``sources.py``), tokenizes them
+(``tokenizer.py``) and packs them (``packing.py``); ``shards`` reads token shards
+(``shards.py``) written by ``data/prepare.py`` (``prepare.py``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import Tensor
 
 from trainer.config import JobConfig
+from trainer.data.errors import DataError
 from trainer.data.mqar import IGNORE, MQAR
+from trainer.data.packing import PackedTextStream
+from trainer.data.shards import ShardLoader, ShardSet, read_index
+from trainer.data.sources import TextSource
 from trainer.data.text import BYTE_VOCAB, ByteWindows, split_corpus
+from trainer.data.tokenizer import build_tokenizer
 
-__all__ = ["IGNORE", "Loader", "build_dataloader"]
+__all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "build_dataloader", "resolve_vocab_size"]
 
 
 class Loader(Protocol):
@@ -26,18 +38,76 @@ class Loader(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+def data_vocab_size(cfg: JobConfig) -> tuple[int, str]:
+    """The smallest model vocabulary the configured data needs, and where that number comes from."""
+    d = cfg.data
+    if d.dataset == "mqar":
+        return d.mqar_vocab_size, "data.mqar_vocab_size"
+    if d.dataset == "bytes":
+        return BYTE_VOCAB, "byte-level data"
+    if d.dataset == "text":
+        return build_tokenizer(d.tokenizer).vocab_size, f"tokenizer {d.tokenizer}, padded to a multiple of 64"
+    if d.dataset == "shards":
+        meta = read_index(Path(d.shard_dir) / "train")["meta"]
+        return int(meta["vocab_size"]), f"tokenizer {meta['tokenizer']} of the shards in {d.shard_dir}"
+    raise ValueError(f"unknown data.dataset {d.dataset!r}")
+
+
+def resolve_vocab_size(cfg: JobConfig) -> int:
+    """Set ``model.vocab_size`` from the data when it is -1; raise DataError if it is too small."""
+    need, why = data_vocab_size(cfg)
+    if cfg.model.vocab_size == -1:
+        cfg.model.vocab_size = need
+    elif cfg.model.vocab_size < need:
+        raise DataError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary {need} "
+                        f"({why}); set model.vocab_size = {need}, or -1 to take it from the data")
+    return cfg.model.vocab_size
+
+
+class RankSlice:
+    """This rank's rows of a batch drawn for all ranks, so a step's data does not depend on the rank count.
+
+    Every rank draws the same ``local x world_size`` rows from one seed and keeps
+    rows ``[rank x local, (rank + 1) x local)``: 2 ranks see exactly the global
+    batch that 1 rank of twice the local batch would. Used for the generated
+    (mqar) and embedded (bytes) data, whose rows are cheap.
+    """
+
+    def __init__(self, loader: Loader, rank: int, local_batch_size: int) -> None:
+        self.loader, self.lo, self.hi = loader, rank * local_batch_size, (rank + 1) * local_batch_size
+
+    def __iter__(self) -> RankSlice:
+        return self
+
+    def __next__(self) -> dict[str, Tensor]:
+        return {k: v[self.lo : self.hi] for k, v in next(self.loader).items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.loader.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.loader.load_state_dict(state)
+
+
 def build_dataloader(cfg: JobConfig, rank: int, world_size: int, split: str = "train") -> Loader:
     """The loader of ``split`` ("train" or "val") for data-parallel ``rank`` of ``world_size``."""
     d, t = cfg.data, cfg.training
-    seed = cfg.training.seed * 1000 + rank + (500 if split == "val" else 0)
-    if d.dataset == "mqar":
-        if cfg.model.vocab_size < d.mqar_vocab_size:
-            raise ValueError(f"model.vocab_size {cfg.model.vocab_size} is smaller than data.mqar_vocab_size "
-                             f"{d.mqar_vocab_size}; set model.vocab_size >= {d.mqar_vocab_size}")
-        return MQAR(t.local_batch_size, t.seq_len, d.mqar_num_kv_pairs, d.mqar_vocab_size, seed)
-    if d.dataset == "bytes":
-        if cfg.model.vocab_size < BYTE_VOCAB:
-            raise ValueError(f"byte-level data needs model.vocab_size >= {BYTE_VOCAB}, got {cfg.model.vocab_size}")
-        train, val = split_corpus(d.val_fraction)
-        return ByteWindows(train if split == "train" else val, t.local_batch_size, t.seq_len, seed)
+    resolve_vocab_size(cfg)
+    seed = cfg.training.seed * 1000 + (500 if split == "val" else 0)
+    rows = t.local_batch_size * world_size
+    if d.dataset in ("mqar", "bytes"):
+        if d.dataset == "mqar":
+            loader = MQAR(rows, t.seq_len, d.mqar_num_kv_pairs, d.mqar_vocab_size, seed)
+        else:
+            train, val = split_corpus(d.val_fraction)
+            loader = ByteWindows(train if split == "train" else val, rows, t.seq_len, seed)
+        return loader if world_size == 1 else RankSlice(loader, rank, t.local_batch_size)
+    if d.dataset == "text":
+        source = TextSource(d.source, d.text_field, d.hf_config, d.txt_sample_by, d.val_split, d.val_docs,
+                            d.hf_revision)
+        return PackedTextStream(source, split, build_tokenizer(d.tokenizer), t.local_batch_size, t.seq_len,
+                                rank, world_size)
+    if d.dataset == "shards":  # every rank draws from one permutation, so the seed is shared
+        return ShardLoader(ShardSet(Path(d.shard_dir) / split), t.local_batch_size, t.seq_len, rank, world_size,
+                           cfg.training.seed * 1000 + (500 if split == "val" else 0), d.shuffle)
     raise ValueError(f"unknown data.dataset {d.dataset!r}")
