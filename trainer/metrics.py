@@ -1,36 +1,46 @@
-"""Metrics: one console line per log step and TensorBoard scalars.
+"""Metrics: one console line per log step, TensorBoard scalars and an optional JSON-lines file.
 
-TensorBoard scalar names (under ``<dump_folder>/<save_tb_folder>``):
+Every number the trainer reports is computed here. Loss and accuracy are averaged
+over all data-parallel ranks; throughput and memory are this device's (rank 0's).
+TensorBoard scalar names (under ``<dump_folder>/<save_tb_folder>``; the same keys
+in ``<dump_folder>/metrics.jsonl`` with ``metrics.enable_jsonl``, plus ``step``):
 
 ==========================  =====================================================
-``loss/train``              mean training loss over the log interval
+``loss/train``              mean training loss over the log interval and all ranks
 ``loss/val``                validation loss (when evaluated)
 ``accuracy/train``          token accuracy on scored labels (MQAR: recall accuracy)
 ``lr``                      learning rate at the step
 ``grad_norm``               total gradient norm before clipping
 ``throughput/tokens_per_s`` tokens per second per device over the interval
-``throughput/tflops``       achieved model TFLOP/s per device (3 x forward FLOPs/token)
+``throughput/tflops``       achieved model TFLOP/s per device: 3 x forward FLOPs/token x tokens/s
 ``throughput/mfu_pct``      model FLOPs utilisation, percent of the peak (CUDA only)
-``memory/max_active_gib``   peak allocated device memory (CUDA), else process RSS
+``memory/max_active_gib``   peak active device memory (CUDA), else process RSS
 ``memory/max_reserved_gib`` peak reserved device memory (CUDA)
 ``time/data_s``             seconds spent waiting for data over the interval
 ==========================  =====================================================
+
+Forward FLOPs per token come from :func:`trainer.model.flops_per_token`, which asks
+each mixer plugin for its count (attention's T-dependent term, a scan's state
+updates), so MFU means the same thing for every mixer.
 """
 
 from __future__ import annotations
 
+import json
 import resource
 import sys
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 
 def memory_gib(device: torch.device) -> tuple[float, float]:
     """(max active, max reserved) GiB on CUDA; (max RSS, max RSS) of the process on CPU."""
     if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
+        active = torch.cuda.memory_stats(device).get("active_bytes.all.peak", 0)
+        return active / 2**30, torch.cuda.max_memory_reserved(device) / 2**30
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
     return rss, rss
 
@@ -39,9 +49,10 @@ class MetricsLogger:
     """Accumulates step statistics and writes them every ``log_freq`` steps (rank 0 only)."""
 
     def __init__(self, tb_dir: Path | None, log_freq: int, rank: int, device: torch.device,
-                 flops_per_token: float, peak_flops: float | None) -> None:
+                 flops_per_token: float, peak_flops: float | None, jsonl: Path | None = None) -> None:
         self.log_freq, self.rank, self.device = log_freq, rank, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.jsonl = jsonl if rank == 0 else None
         self.writer = None
         if tb_dir is not None and rank == 0:
             from torch.utils.tensorboard import SummaryWriter
@@ -64,14 +75,24 @@ class MetricsLogger:
         self.scored += scored
         self.data_time += data_time
 
+    def _global_sums(self) -> tuple[float, float, float, float]:
+        """(loss sum, loss count, correct, scored) over all ranks (a collective when distributed)."""
+        sums = [sum(self.losses), float(len(self.losses)), float(self.correct), float(self.scored)]
+        if dist.is_initialized():
+            t = torch.tensor(sums, dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            sums = t.tolist()
+        return sums[0], sums[1], sums[2], sums[3]
+
     def log(self, step: int, lr: float, grad_norm: float) -> dict[str, float]:
-        """Write and print the interval's numbers; returns them."""
+        """Write and print the interval's numbers; returns them. Call on every rank."""
         dt = max(time.perf_counter() - self.t0, 1e-9)
         tps = self.tokens / dt
         active, reserved = memory_gib(self.device)
+        loss_sum, n_losses, correct, scored = self._global_sums()
         out = {
-            "loss/train": sum(self.losses) / max(len(self.losses), 1),
-            "accuracy/train": self.correct / max(self.scored, 1),
+            "loss/train": loss_sum / max(n_losses, 1),
+            "accuracy/train": correct / max(scored, 1),
             "lr": lr,
             "grad_norm": grad_norm,
             "throughput/tokens_per_s": tps,
@@ -90,6 +111,10 @@ class MetricsLogger:
                 for k, v in out.items():
                     self.writer.add_scalar(k, v, step)
                 self.writer.flush()
+            if self.jsonl is not None:
+                self.jsonl.parent.mkdir(parents=True, exist_ok=True)
+                with self.jsonl.open("a") as f:
+                    f.write(json.dumps({"step": step, **out}) + "\n")
         self._reset()
         return out
 

@@ -3,7 +3,8 @@
 One batch's path: the loader yields ``inputs``/``labels`` (trainer.data) -> the LM
 (trainer.model, mixers from plugins) under autocast -> cross-entropy on scored
 labels -> backward, accumulated over micro-batches up to the global batch ->
-clip -> AdamW step and LR schedule (trainer.optim) -> metrics (trainer.metrics).
+clip -> AdamW step and LR schedule (trainer.optim) -> metrics (trainer.metrics) ->
+checkpoint on interval, last step or SIGTERM (trainer.checkpoint, which also resumes).
 """
 
 from __future__ import annotations
@@ -12,15 +13,17 @@ import math
 import os
 import sys
 import time
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from trainer.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
 from trainer.config import ConfigError, JobConfig, parse_args, to_toml
-from trainer.data import IGNORE, build_dataloader
+from trainer.data import IGNORE, build_dataloader, resolve_vocab_size
 from trainer.metrics import MetricsLogger
 from trainer.model import LM, build_model, flops_per_token
 from trainer.ops import set_backend_preference
@@ -65,91 +68,128 @@ def grad_accum_steps(cfg: JobConfig, world_size: int) -> int:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader, batches: int, device: torch.device, autocast) -> float:
+def evaluate(model: torch.nn.Module, cfg: JobConfig, rank: int, world_size: int, device: torch.device,
+             autocast: Callable[[], AbstractContextManager]) -> float:
+    """Mean loss over ``training.eval_batches`` batches of the validation split."""
     model.eval()
+    loader = build_dataloader(cfg, rank, world_size, split="val")
     total = 0.0
-    for _ in range(batches):
+    for _ in range(cfg.training.eval_batches):
         batch = next(loader)
         with autocast():
             logits = model(batch["inputs"].to(device))
         total += float(loss_and_accuracy(logits, batch["labels"].to(device))[0])
     model.train()
-    return total / batches
+    return total / cfg.training.eval_batches
 
 
-def train(cfg: JobConfig) -> dict[str, float]:
-    """Run the job described by ``cfg``; returns the last logged metrics."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = pick_device(cfg, local_rank)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    set_backend_preference(cfg.model.op_backend)
-    torch.manual_seed(cfg.training.seed)
+def build_autocast(cfg: JobConfig, device: torch.device, world_size: int) -> Callable[[], AbstractContextManager]:
+    """bf16 autocast on CUDA (or when asked) for one rank; FSDP's mixed-precision policy does it for several."""
+    mp = cfg.training.mixed_precision
+    if (mp == "bf16" or (mp == "auto" and device.type == "cuda")) and world_size == 1:
+        return lambda: torch.autocast(device.type, dtype=torch.bfloat16)
+    return nullcontext
 
+
+def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
+               scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: JobConfig, accum: int, device: torch.device,
+               autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger, step: int) -> tuple[float, float]:
+    """One optimizer step over ``accum`` micro-batches; returns (lr used, gradient norm before clipping)."""
+    step_loss = 0.0
+    for _ in range(accum):
+        t_data = time.perf_counter()
+        batch = next(loader)
+        inputs, labels = batch["inputs"].to(device), batch["labels"].to(device)
+        data_time = time.perf_counter() - t_data
+        with autocast():
+            logits = model(inputs)
+        loss, correct, scored = loss_and_accuracy(logits, labels)
+        (loss / accum).backward()
+        step_loss += float(loss.detach()) / accum
+        metrics.record(float(loss.detach()), inputs.numel(), correct, scored, data_time)
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"loss is {step_loss} at step {step}; lower optimizer.lr or check the data")
+    max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
+        grad_norm = grad_norm.full_tensor()
+    lr = scheduler.get_last_lr()[0]
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return lr, float(grad_norm)
+
+
+def build_model_for_training(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> tuple[LM, float]:
+    """The model on the meta device, reported, parallelized, then materialised on ``device``; and FLOPs/token."""
     model: LM = build_model(cfg.model, cfg.training.seq_len, "meta")
-    n_params = model.num_params()
     fpt = flops_per_token(model, cfg.training.seq_len)
     if rank == 0:
         print(f"model: {cfg.model.name}, {cfg.model.n_layers} layers x {cfg.model.dim}, "
-              f"{n_params:,} parameters ({model.num_params(exclude_embedding=True):,} without embedding), "
+              f"{model.num_params():,} parameters ({model.num_params(exclude_embedding=True):,} without embedding), "
               f"{fpt / 1e6:.1f} MFLOPs/token forward", flush=True)
         if cfg.job.description:
             print(f"job: {cfg.job.description}")
     model = parallelize(model, cfg, world_size, device)
     model.to_empty(device=device)
     model.init_weights()
+    return model, fpt
 
-    use_bf16 = cfg.training.mixed_precision == "bf16" or (cfg.training.mixed_precision == "auto" and device.type == "cuda")
-    if use_bf16 and world_size == 1:
-        def autocast():
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-    else:  # fp32, or bf16 through FSDP's mixed-precision policy
-        autocast = nullcontext
 
+def train(cfg: JobConfig) -> dict[str, float]:
+    """Run the job described by ``cfg``; returns the last logged metrics."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    set_backend_preference(cfg.model.op_backend)
+    resolve_vocab_size(cfg)  # model.vocab_size from the tokenizer if -1; an error if too small
+    torch.manual_seed(cfg.training.seed)
+
+    model, fpt = build_model_for_training(cfg, rank, world_size, device)
+    autocast = build_autocast(cfg, device, world_size)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.training.steps, cfg.lr_scheduler)
     loader = build_dataloader(cfg, rank, world_size)
     accum = grad_accum_steps(cfg, world_size)
     dump = Path(cfg.job.dump_folder)
+    if rank == 0:  # the resolved config, for resuming by hand and for trainer.eval / trainer.generate
+        dump.mkdir(parents=True, exist_ok=True)
+        (dump / "config.toml").write_text(to_toml(cfg))
+    ckpt = CheckpointManager(cfg, model, optimizer, scheduler, loader, rank, device)
+    if cfg.checkpoint.create_seed_checkpoint:
+        if world_size > 1 or not cfg.checkpoint.enable:
+            raise TrainingError("checkpoint.create_seed_checkpoint needs one rank and checkpoint.enable = true")
+        ckpt.save(0)
+        return {}
+    start = ckpt.load()
     tb_dir = dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None
     metrics = MetricsLogger(tb_dir, cfg.metrics.log_freq, rank, device, fpt,
-                            H200_BF16_PEAK if device.type == "cuda" else None)
+                            H200_BF16_PEAK if device.type == "cuda" else None,
+                            dump / "metrics.jsonl" if cfg.metrics.enable_jsonl else None)
+    sigterm = SigtermFlag(device)
 
     last: dict[str, float] = {}
-    for step in range(1, cfg.training.steps + 1):
-        step_loss = 0.0
-        for _ in range(accum):
-            t_data = time.perf_counter()
-            batch = next(loader)
-            inputs, labels = batch["inputs"].to(device), batch["labels"].to(device)
-            data_time = time.perf_counter() - t_data
-            with autocast():
-                logits = model(inputs)
-            loss, correct, scored = loss_and_accuracy(logits, labels)
-            (loss / accum).backward()
-            step_loss += float(loss.detach()) / accum
-            metrics.record(float(loss.detach()), inputs.numel(), correct, scored, data_time)
-        if not math.isfinite(step_loss):
-            raise TrainingError(f"loss is {step_loss} at step {step}; lower optimizer.lr or check the data")
-        max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-        if hasattr(grad_norm, "full_tensor"):
-            grad_norm = grad_norm.full_tensor()
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    stop = False
+    for step in range(start + 1, cfg.training.steps + 1):
+        lr, grad_norm = train_step(model, loader, optimizer, scheduler, cfg, accum, device, autocast, metrics, step)
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
-            last = metrics.log(step, lr, float(grad_norm))
-
-    val_loader = build_dataloader(cfg, rank, world_size, split="val")
-    val = evaluate(model, val_loader, 4, device, autocast)
-    last["loss/val"] = val
-    metrics.scalar("loss/val", val, cfg.training.steps)
-    if rank == 0:
-        print(f"validation loss {val:.4f} after {cfg.training.steps} steps", flush=True)
+            last = metrics.log(step, lr, grad_norm)
+        every = cfg.training.eval_interval
+        if (every > 0 and step % every == 0) or step == cfg.training.steps:
+            last["loss/val"] = evaluate(model, cfg, rank, world_size, device, autocast)
+            metrics.scalar("loss/val", last["loss/val"], step)
+            if rank == 0:
+                print(f"step {step:6d}  validation loss {last['loss/val']:.4f}", flush=True)
+        stop = sigterm.requested()
+        ckpt.maybe_save(step, force=stop or step == cfg.training.steps)
+        if stop:
+            if rank == 0:
+                print(f"SIGTERM: stopped after step {step}", flush=True)
+            break
+    ckpt.close(export=not stop)
+    sigterm.restore()
     metrics.close()
     if world_size > 1:
         dist.destroy_process_group()
@@ -167,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         train(cfg)
-    except (TrainingError, ValueError) as e:
+    except (TrainingError, CheckpointError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

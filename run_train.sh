@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# Launch training with torchrun, on one node or several.
+#
+#   ./run_train.sh [CONFIG.toml] [--section.key value ...]
+#
+# CONFIG defaults to train_configs/debug_longhorn.toml; every further argument is a
+# config override passed to `python -m trainer.train`. Environment variables:
+#
+#   NGPU           processes per node (default 1): one per GPU; with no GPU the run is
+#                  on CPU with gloo and NGPU is the number of CPU processes
+#   NNODES         number of nodes (default 1)
+#   NODE_RANK      this node's index, 0 .. NNODES-1 (default 0)
+#   RDZV_ENDPOINT  host:port of the rendezvous, reachable from every node
+#                  (default localhost:29500; set it to node 0's address across nodes)
+#   RDZV_ID        job id shared by the nodes of one run (default longhorn_zoo)
+#
+# Examples:
+#   ./run_train.sh                                            # debug Longhorn, 1 process
+#   NGPU=8 ./run_train.sh train_configs/llama_1b.toml --compile.enable true
+#   NGPU=8 NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 ./run_train.sh train_configs/longhorn_1b.toml \
+#       --parallelism.data_parallel_replicate_degree 2     # HSDP: replicate across the 2 nodes
+# A killed run resumes from its newest complete checkpoint when started again with the
+# same command (checkpoint.enable = true). See scripts/slurm_train.sh for Slurm.
+set -euo pipefail
+
+NGPU=${NGPU:-1}
+NNODES=${NNODES:-1}
+NODE_RANK=${NODE_RANK:-0}
+RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:29500}
+RDZV_ID=${RDZV_ID:-longhorn_zoo}
+CONFIG_FILE=train_configs/debug_longhorn.toml
+if [[ $# -gt 0 && $1 != --* ]]; then
+    CONFIG_FILE=$1
+    shift
+fi
+
+cd "$(dirname "$0")"
+if [[ $NNODES -eq 1 ]]; then
+    RDZV=(--standalone)
+else
+    RDZV=(--rdzv-backend c10d --rdzv-endpoint "$RDZV_ENDPOINT" --rdzv-id "$RDZV_ID" --node-rank "$NODE_RANK")
+fi
+
+# NCCL's NVLink multicast (NVLS) stays off unless the caller turns it on.
+export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
+exec python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NGPU" "${RDZV[@]}" \
+    --local-ranks-filter 0 --role rank --tee 3 \
+    -m trainer.train "$CONFIG_FILE" "$@"
