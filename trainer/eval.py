@@ -1,0 +1,137 @@
+"""Evaluation of a trained model: ``python -m trainer.eval --checkpoint DIR``.
+
+* Validation loss and perplexity on the held-out split.
+* Length extrapolation: loss and perplexity at 1x, 2x, 4x, 8x and 16x the training
+  context, on the same number of tokens per length (printed as a table, plotted to
+  ``extrapolation.png`` when matplotlib is installed, and written as TensorBoard
+  scalars ``eval/ppl_at_<len>``).
+* For models trained on MQAR: recall accuracy over sequence lengths and numbers of
+  key-value pairs (``eval/mqar_acc_kv<P>_len<T>``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from trainer.config import JobConfig
+from trainer.data import build_dataloader
+from trainer.data.mqar import make_batch
+from trainer.model import LM
+from trainer.train import loss_and_accuracy
+
+FACTORS = (1, 2, 4, 8, 16)
+
+
+@torch.no_grad()
+def mean_loss(model: LM, cfg: JobConfig, seq_len: int, tokens: int, device: str) -> float:
+    """Mean validation loss over about ``tokens`` tokens in windows of ``seq_len``."""
+    batch = max(1, min(cfg.training.local_batch_size, tokens // seq_len))
+    run = dataclasses.replace(cfg, training=dataclasses.replace(cfg.training, seq_len=seq_len, local_batch_size=batch))
+    loader = build_dataloader(run, 0, 1, split="val")
+    n_batches = max(1, tokens // (seq_len * batch))
+    total = 0.0
+    for _ in range(n_batches):
+        b = next(loader)
+        total += float(loss_and_accuracy(model(b["inputs"].to(device)), b["labels"].to(device))[0])
+    return total / n_batches
+
+
+def extrapolation(model: LM, cfg: JobConfig, tokens: int, device: str) -> list[tuple[int, float]]:
+    """(length, loss) at each factor of the training context."""
+    return [(f * cfg.training.seq_len, mean_loss(model, cfg, f * cfg.training.seq_len, tokens, device))
+            for f in FACTORS]
+
+
+@torch.no_grad()
+def mqar_sweep(model: LM, cfg: JobConfig, device: str, batches: int = 4) -> list[tuple[int, int, float]]:
+    """(pairs, seq_len, accuracy) over pair counts and lengths that the vocabulary allows."""
+    gen = torch.Generator().manual_seed(cfg.training.seed + 12345)
+    vocab = cfg.data.mqar_vocab_size
+    base = cfg.data.mqar_num_kv_pairs
+    rows = []
+    for pairs in sorted({max(1, base // 2), base, 2 * base}):
+        if pairs > vocab // 2 - 1:
+            continue
+        for seq_len in sorted({4 * pairs, max(4 * pairs, cfg.training.seq_len), 2 * max(4 * pairs, cfg.training.seq_len)}):
+            correct = scored = 0
+            for _ in range(batches):
+                b = make_batch(cfg.training.local_batch_size, seq_len, pairs, vocab, gen)
+                _, c, s = loss_and_accuracy(model(b["inputs"].to(device)), b["labels"].to(device))
+                correct, scored = correct + c, scored + s
+            rows.append((pairs, seq_len, correct / max(scored, 1)))
+    return rows
+
+
+def plot(rows: list[tuple[int, float]], path: Path, title: str) -> Path | None:
+    """Perplexity against length as a PNG; None if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot([r[0] for r in rows], [math.exp(r[1]) for r in rows], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("evaluation length (tokens)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.inference import load_trained
+
+    p = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
+    p.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
+    p.add_argument("--tokens", type=int, default=16384, help="validation tokens per evaluated length")
+    p.add_argument("--out", type=Path, help="folder for the plot and TensorBoard events (default: the dump folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        model, cfg = load_trained(args.checkpoint, args.device, args.config)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    out = args.out or Path(cfg.job.dump_folder)
+    out.mkdir(parents=True, exist_ok=True)
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb_eval"))
+    name = cfg.model.name
+    if cfg.data.dataset == "mqar":
+        print(f"MQAR recall accuracy of {name}\n  pairs  seq_len  accuracy")
+        for pairs, seq_len, acc in mqar_sweep(model, cfg, args.device):
+            print(f"  {pairs:5d}  {seq_len:7d}  {acc:8.3f}")
+            writer.add_scalar(f"eval/mqar_acc_kv{pairs}_len{seq_len}", acc)
+    else:
+        rows = extrapolation(model, cfg, args.tokens, args.device)
+        val = rows[0][1]
+        print(f"validation loss {val:.4f}, perplexity {math.exp(val):.3f} ({name}, context {cfg.training.seq_len})")
+        print("  length  factor    loss  perplexity")
+        for (length, loss), factor in zip(rows, FACTORS):
+            print(f"  {length:6d}  {factor:5d}x  {loss:6.4f}  {math.exp(loss):10.3f}")
+            writer.add_scalar(f"eval/ppl_at_{length}", math.exp(loss))
+        writer.add_scalar("eval/val_loss", val)
+        png = plot(rows, out / "extrapolation.png", f"{name}: trained at {cfg.training.seq_len} tokens")
+        print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
+    writer.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

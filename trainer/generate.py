@@ -1,0 +1,110 @@
+"""Text generation: ``python -m trainer.generate --checkpoint DIR --prompt TEXT``.
+
+The prompt is prefilled with the parallel (full-sequence) form, which returns every
+layer's state; then tokens are decoded one at a time with the mixers' recurrent
+``step`` form. State-space and linear mixers keep a constant-size state per token;
+Llama keeps a KV cache. Sampling: temperature, then top-k, then top-p (nucleus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from trainer.config import JobConfig
+from trainer.model import LM
+
+
+def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None) -> Tensor:
+    """One token per row of ``logits`` (B, V). ``temperature == 0`` is greedy."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model: LM, prompt: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
+             top_p: float = 1.0, seed: int = 0) -> tuple[Tensor, dict[str, float]]:
+    """Continue ``prompt`` (B, T) by ``max_new_tokens`` tokens; returns them and timing stats."""
+    gen = torch.Generator(device=prompt.device).manual_seed(seed)
+    t0 = time.perf_counter()
+    logits, states = model(prompt, return_states=True)
+    token = sample(logits[:, -1], temperature, top_k, top_p, gen)
+    t1 = time.perf_counter()
+    out = [token]
+    for _ in range(max_new_tokens - 1):
+        logits, states = model.step(token, states)
+        token = sample(logits, temperature, top_k, top_p, gen)
+        out.append(token)
+    if prompt.device.type == "cuda":
+        torch.cuda.synchronize()
+    t2 = time.perf_counter()
+    decode_tokens = prompt.shape[0] * (max_new_tokens - 1)
+    stats = {"prefill_s": t1 - t0, "decode_s": t2 - t1,
+             "decode_tokens_per_s": decode_tokens / max(t2 - t1, 1e-9)}
+    return torch.stack(out, dim=1), stats
+
+
+def text_codec(cfg: JobConfig) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """Encode and decode functions for the run's tokenizer (bytes for the embedded corpus)."""
+    from trainer.data.tokenizer import ByteTokenizer, build_tokenizer
+
+    tok = ByteTokenizer() if cfg.data.dataset == "bytes" else build_tokenizer(cfg.data.tokenizer)
+    if isinstance(tok, ByteTokenizer):
+        return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i % 256 for i in ids).decode("utf-8", "replace"))
+    return (lambda s: list(tok.encode([s])[0])), (lambda ids: tok.enc.decode([i for i in ids if i < tok.n_vocab]))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from trainer.checkpoint import CheckpointError
+    from trainer.config import ConfigError
+    from trainer.inference import load_trained
+
+    p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", type=Path, required=True,
+                   help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
+    p.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
+    p.add_argument("--prompt", default="def ", help="prompt text")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args(argv)
+    try:
+        model, cfg = load_trained(args.checkpoint, args.device, args.config)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    encode, decode = text_codec(cfg)
+    ids = encode(args.prompt)
+    if not ids:
+        print("error: --prompt must not be empty", file=sys.stderr)
+        return 1
+    prompt = torch.tensor([ids], device=args.device)
+    tokens, stats = generate(model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
+    print(args.prompt + decode(tokens[0].tolist()))
+    print(f"\n[{cfg.model.name}] prefill {len(ids)} tokens in {stats['prefill_s'] * 1e3:.1f} ms, "
+          f"decode {stats['decode_tokens_per_s']:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,44 @@
+"""Loading a trained model for evaluation and generation.
+
+A run's dump folder holds ``config.toml`` (the resolved config, written at start)
+and the checkpoint folder. :func:`load_trained` accepts the dump folder, the
+checkpoint folder, one ``step-N`` folder, or an exported ``model.pt``, and finds
+``config.toml`` in the nearest enclosing folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from trainer.checkpoint import CheckpointError, read_model_weights
+from trainer.config import JobConfig, load_config
+from trainer.model import LM, build_model
+
+
+def find_config(path: Path) -> Path:
+    """The ``config.toml`` in ``path`` or the closest folder above it."""
+    for folder in [path if path.is_dir() else path.parent, *path.resolve().parents]:
+        if (folder / "config.toml").is_file():
+            return folder / "config.toml"
+    raise CheckpointError(f"no config.toml found in {path} or above it; pass --config with the training config")
+
+
+def load_trained(path: Path, device: torch.device | str = "cpu", config: Path | None = None,
+                 overrides: list[str] | None = None) -> tuple[LM, JobConfig]:
+    """The trained model (in eval mode, on ``device``) and its job config."""
+    cfg = load_config(config or find_config(path), overrides)
+    if path.is_file():
+        weights = torch.load(path, map_location="cpu", weights_only=True)
+    else:
+        ckpt_dir = path / cfg.checkpoint.folder if (path / "config.toml").is_file() else path
+        weights = read_model_weights(ckpt_dir)
+    model = build_model(cfg.model, cfg.training.seq_len, "meta")
+    model.to_empty(device=device)
+    model.init_weights()
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"{path} does not match the model of {cfg.model.name!r}: missing {missing[:5]}, "
+                              f"unexpected {unexpected[:5]}")
+    return model.eval(), cfg
