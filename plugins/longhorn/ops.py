@@ -59,8 +59,7 @@ def longhorn_scan_reference(
     """
     cd = compute_dtype(x)
     xf, dtf, kf, qf = x.to(cd), dt.to(cd), k.to(cd), q.to(cd)
-    a, u = _decay_and_input(xf, dtf, kf)
-    y, h = diag_scan(a, u, qf, initial_state, reset)
+    y, h = diag_scan(_decay_and_input, (xf, dtf, kf), qf, initial_state, reset)
     y = gate_and_skip(y, xf, D.to(cd), None if z is None else z.to(cd))
     return y.to(x.dtype), h
 

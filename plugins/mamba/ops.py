@@ -60,8 +60,9 @@ def mamba_scan_reference(
     """
     cd = compute_dtype(x)
     xf = x.to(cd)
-    a, u = _decay_and_input(xf, dt.to(cd), A.to(cd), B.to(cd))
-    y, h = diag_scan(a, u, C.to(cd), initial_state, reset)
+    Af = A.to(cd)
+    y, h = diag_scan(lambda x_t, dt_t, B_t: _decay_and_input(x_t, dt_t, Af, B_t), (xf, dt.to(cd), B.to(cd)),
+                     C.to(cd), initial_state, reset)
     y = gate_and_skip(y, xf, D.to(cd), None if z is None else z.to(cd))
     return y.to(x.dtype), h
 

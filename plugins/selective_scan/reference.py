@@ -11,12 +11,15 @@ with 0 <= a_t <= 1. Only how a and u are made from the inputs differs:
     Mamba:    a = exp(delta * A),   u = delta * x * B,  delta = softplus(dt)
 
 ``diag_scan`` runs the recurrence step by step over time, vectorised over batch,
-channels and states, and reads all outputs out with one contraction at the end.
-A ``reset`` at step t zeroes h_{t-1} before step t (document boundaries in packed
-batches).
+channels and states. It builds a_t and u_t one step at a time from per-step slices
+of the inputs, so no (B, T, C, N) tensor is ever made and each step's work stays in
+cache. A ``reset`` at step t zeroes h_{t-1} before step t (document boundaries in
+packed batches).
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
@@ -27,8 +30,8 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 
 
 def diag_scan(
-    a: Tensor,
-    u: Tensor,
+    make_step: Callable[..., tuple[Tensor, Tensor]],
+    inputs: Sequence[Tensor],
     q: Tensor,
     initial_state: Tensor | None = None,
     reset: Tensor | None = None,
@@ -36,25 +39,27 @@ def diag_scan(
     """Scan h_t = a_t h_{t-1} + u_t with readout y_t = h_t q_t.
 
     Args:
-        a: (B, T, C, N) decay in (0, 1].
-        u: (B, T, C, N) input to the state.
+        make_step: ``make_step(*slices) -> (a_t, u_t)``, each (B, C, N), from the
+            step-t slices (B, ...) of ``inputs``; a_t in [0, 1].
+        inputs: (B, T, ...) tensors that ``make_step`` reads, sliced along time.
         q: (B, T, N) readout vector, shared by all channels.
         initial_state: (B, C, N) or None for zeros.
         reset: (B, T) bool; True at t zeroes the state before step t.
 
     Returns:
-        y of shape (B, T, C) and the final state (B, C, N), in ``u``'s dtype.
+        y of shape (B, T, C) and the final state (B, C, N), in ``q``'s dtype.
     """
-    bsz, seqlen, chans, nstate = u.shape
-    if reset is not None:
-        a = a * (~reset).to(a.dtype)[:, :, None, None]
-    h = u.new_zeros(bsz, chans, nstate) if initial_state is None else initial_state.to(u.dtype)
-    hs = []
-    for a_t, u_t in zip(a.unbind(1), u.unbind(1)):  # unbind: one gradient buffer, not one per step
-        h = a_t * h + u_t
-        hs.append(h)
-    y = torch.einsum("btcn,btn->btc", torch.stack(hs, dim=1), q)
-    return y, h.clone(memory_format=torch.contiguous_format)
+    steps = zip(*(t.unbind(1) for t in inputs))  # unbind: one gradient buffer per input, not one per step
+    keep = None if reset is None else (~reset).to(q.dtype).unbind(1)
+    h = initial_state
+    ys = []
+    for t, (slices, q_t) in enumerate(zip(steps, q.unbind(1))):
+        a, u = make_step(*slices)
+        if keep is not None:
+            a = a * keep[t][:, None, None]
+        h = u if h is None else a * h.to(u.dtype) + u
+        ys.append(torch.einsum("bcn,bn->bc", h, q_t))
+    return torch.stack(ys, dim=1), h.clone(memory_format=torch.contiguous_format)
 
 
 def diag_step(a: Tensor, u: Tensor, q: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
