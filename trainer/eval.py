@@ -58,7 +58,8 @@ def mqar_sweep(model: LM, cfg: JobConfig, device: str, batches: int = 4) -> list
     for pairs in sorted({max(1, base // 2), base, 2 * base}):
         if pairs > vocab // 2 - 1:
             continue
-        for seq_len in sorted({4 * pairs, max(4 * pairs, cfg.training.seq_len), 2 * max(4 * pairs, cfg.training.seq_len)}):
+        shortest = max(4 * pairs, cfg.training.seq_len)
+        for seq_len in sorted({4 * pairs, shortest, 2 * shortest}):
             correct = scored = 0
             for _ in range(batches):
                 b = make_batch(cfg.training.local_batch_size, seq_len, pairs, vocab, gen)
@@ -90,23 +91,17 @@ def plot(rows: list[tuple[int, float]], path: Path, title: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.inference import load_trained
+    from trainer.inference import add_checkpoint_args, load_from_args
 
     p = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
-    p.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
+    add_checkpoint_args(p)
     p.add_argument("--tokens", type=int, default=16384, help="validation tokens per evaluated length")
     p.add_argument("--out", type=Path, help="folder for the plot and TensorBoard events (default: the dump folder)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
-        model, cfg = load_trained(args.checkpoint, args.device, args.config)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_from_args(args)
+    if loaded is None:
         return 1
+    model, cfg = loaded
     out = args.out or Path(cfg.job.dump_folder)
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter

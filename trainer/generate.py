@@ -12,7 +12,6 @@ import argparse
 import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -72,27 +71,21 @@ def text_codec(cfg: JobConfig) -> tuple[Callable[[str], list[int]], Callable[[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.checkpoint import CheckpointError
-    from trainer.config import ConfigError
-    from trainer.inference import load_trained
+    from trainer.inference import add_checkpoint_args, load_from_args
 
     p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.splitlines()[0])
-    p.add_argument("--checkpoint", type=Path, required=True,
-                   help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
-    p.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
+    add_checkpoint_args(p)
     p.add_argument("--prompt", default="def ", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--temperature", type=float, default=0.8, help="0 means greedy")
     p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: all)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1: off)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
-    try:
-        model, cfg = load_trained(args.checkpoint, args.device, args.config)
-    except (CheckpointError, ConfigError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
+    loaded = load_from_args(args)
+    if loaded is None:
         return 1
+    model, cfg = loaded
     encode, decode = text_codec(cfg)
     ids = encode(args.prompt)
     if not ids:

@@ -8,12 +8,14 @@ checkpoint folder, one ``step-N`` folder, or an exported ``model.pt``, and finds
 
 from __future__ import annotations
 
+import argparse
+import sys
 from pathlib import Path
 
 import torch
 
 from trainer.checkpoint import CheckpointError, read_model_weights
-from trainer.config import JobConfig, load_config
+from trainer.config import ConfigError, JobConfig, load_config
 from trainer.model import LM, build_model
 
 
@@ -42,3 +44,20 @@ def load_trained(path: Path, device: torch.device | str = "cpu", config: Path | 
         raise CheckpointError(f"{path} does not match the model of {cfg.model.name!r}: missing {missing[:5]}, "
                               f"unexpected {unexpected[:5]}")
     return model.eval(), cfg
+
+
+def add_checkpoint_args(parser: argparse.ArgumentParser) -> None:
+    """The ``--checkpoint``, ``--config`` and ``--device`` options of the inference commands."""
+    parser.add_argument("--checkpoint", type=Path, required=True,
+                        help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
+    parser.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def load_from_args(args: argparse.Namespace) -> tuple[LM, JobConfig] | None:
+    """:func:`load_trained` from parsed :func:`add_checkpoint_args`; prints the error and returns None on failure."""
+    try:
+        return load_trained(args.checkpoint, args.device, args.config)
+    except (CheckpointError, ConfigError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return None

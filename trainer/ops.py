@@ -41,6 +41,7 @@ __all__ = [
 ]
 
 REFERENCE = "reference"
+BackwardFn = Callable[[tuple[Any, ...], tuple[Tensor, ...], tuple[Tensor | None, ...]], tuple[Tensor | None, ...]]
 _preference: str = "auto"
 
 ExampleInputs = Callable[[torch.dtype, torch.Generator], Sequence[tuple[Any, ...]]]
@@ -91,7 +92,7 @@ class Backend:
     device_type: str
     is_available: Callable[[], bool]
     forward: Callable[..., tuple[Tensor, ...]]
-    backward: Callable[[tuple[Any, ...], tuple[Tensor, ...], tuple[Tensor | None, ...]], tuple[Tensor | None, ...]] | None = None
+    backward: BackwardFn | None = None
 
 
 class ScanOp:
@@ -126,7 +127,8 @@ class ScanOp:
     def register_backend(self, backend: Backend) -> None:
         """Add a fast backend. Backends registered first are preferred by ``"auto"``."""
         if any(b.name == backend.name and b.device_type == backend.device_type for b in self.backends):
-            raise ValueError(f"{self.qualname}: backend {backend.name!r} for {backend.device_type} is already registered")
+            raise ValueError(f"{self.qualname}: backend {backend.name!r} for {backend.device_type} "
+                             "is already registered")
         self.backends.append(backend)
 
     def available_backends(self) -> list[str]:

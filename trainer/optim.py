@@ -50,6 +50,7 @@ def lr_factor(step: int, total_steps: int, cfg: LRConfig) -> float:
     return 1.0
 
 
-def build_lr_scheduler(opt: torch.optim.Optimizer, total_steps: int, cfg: LRConfig) -> torch.optim.lr_scheduler.LambdaLR:
+def build_lr_scheduler(opt: torch.optim.Optimizer, total_steps: int,
+                       cfg: LRConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """A ``LambdaLR`` over :func:`lr_factor`; its state_dict goes into checkpoints."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, total_steps, cfg))

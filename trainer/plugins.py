@@ -119,7 +119,8 @@ def build_registry(group: str = ENTRY_POINT_GROUP) -> Registry:
     seen: dict[str, Source] = {}
     for ep in eps:
         dist = ep.dist
-        where = f"plugin {ep.name!r} ({ep.value}) from {dist.name if dist else '?'} {dist.version if dist else ''}".rstrip()
+        dist_name = f"{dist.name} {dist.version}" if dist else "an unknown distribution"
+        where = f"plugin {ep.name!r} ({ep.value}) from {dist_name}"
         before = set(pm.get_plugins())
         try:
             pm.load_setuptools_entrypoints(group, name=ep.name)
@@ -144,7 +145,8 @@ def build_registry(group: str = ENTRY_POINT_GROUP) -> Registry:
                 if spec.name in seen:
                     registry.duplicates.setdefault(spec.name, [seen[spec.name]]).append(source)
                     registry.mixers.pop(spec.name, None)
-                    registry.errors.append(f"mixer {spec.name!r} registered twice: by {seen[spec.name]} and by {source}")
+                    registry.errors.append(
+                        f"mixer {spec.name!r} registered twice: by {seen[spec.name]} and by {source}")
                     continue
                 seen[spec.name] = source
                 registry.mixers[spec.name] = MixerEntry(spec, source)

@@ -93,7 +93,8 @@ def build_autocast(cfg: JobConfig, device: torch.device, world_size: int) -> Cal
 
 def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: JobConfig, accum: int, device: torch.device,
-               autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger, step: int) -> tuple[float, float]:
+               autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger,
+               step: int) -> tuple[float, float]:
     """One optimizer step over ``accum`` micro-batches; returns (lr used, gradient norm before clipping)."""
     step_loss = 0.0
     for _ in range(accum):

@@ -86,6 +86,7 @@ def _longhorn_scan_examples(dtype: torch.dtype, gen: torch.Generator) -> list[tu
 
 longhorn_scan = define_scan_op("longhorn_zoo::longhorn_scan", longhorn_scan_reference, _longhorn_scan_fake,
                                example_inputs=_longhorn_scan_examples)
+longhorn_scan.register_backend(longhorn_backend(longhorn_scan))
 
 
 def longhorn_step(
