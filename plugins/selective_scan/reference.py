@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """Float64 inputs are scanned in float64 (for tests); everything else in float32."""
     return torch.float64 if x.dtype == torch.float64 else torch.float32
