@@ -1,0 +1,7 @@
+"""The longhorn-zoo conformance suite on the deltanet mixer: ``pytest examples/third_party_mixer/tests``."""
+
+from trainer.conformance import MixerConformance
+
+
+class TestDeltaNet(MixerConformance):
+    mixer = "deltanet"
