@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from benchmarks.ops import mamba_scan_reference
 from plugins.longhorn.ops import longhorn_scan_reference
+from plugins.mamba.ops import mamba_scan_reference
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
