@@ -63,7 +63,8 @@ class Optimizer:
     beta1: float = opt(0.9, "AdamW beta1.")
     beta2: float = opt(0.95, "AdamW beta2.")
     eps: float = opt(1e-8, "AdamW epsilon.")
-    weight_decay: float = opt(0.1, "Weight decay, applied only to parameters with two or more dimensions.")
+    weight_decay: float = opt(0.1, "Weight decay, applied to parameters with two or more dimensions that their module "
+                               "does not list in no_weight_decay.")
 
 
 @dataclass

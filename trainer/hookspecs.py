@@ -92,7 +92,8 @@ class MixerSpec:
             value, whose type is the option's type. A user config overrides only
             what it changes.
         ops: The scan ops of this mixer (see :mod:`trainer.ops`); listed with their
-            available backends and checked by the conformance suite.
+            available backends and checked by the conformance suite, which runs
+            gradcheck and opcheck on each op's ``example_inputs``.
         flops_per_token: Optional ``(MixerArgs, seq_len) -> float``: forward FLOPs
             per token of one mixer layer, counting the sequence-length-dependent
             work (attention scores, state updates) as well as the matmuls. Used
