@@ -84,3 +84,10 @@ def test_parse_args_reads_path_and_print_flag(tmp_path):
     path = write(tmp_path, "[training]\nsteps = 3\n")
     cfg, show = parse_args([str(path), "--print-config", "--training.seed", "4"])
     assert show and cfg.training.steps == 3 and cfg.training.seed == 4
+
+
+def test_key_given_under_the_wrong_section_names_its_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"'lr' is a key of \[optimizer\]"):
+        load_config(None, ["--training.lr", "0.1"])
+    with pytest.raises(ConfigError, match=r"'seq_len' is a key of \[training\]"):
+        load_config(write(tmp_path, "[model]\nseq_len = 3\n"))

@@ -208,6 +208,12 @@ def _suggest(name: str, choices: list[str]) -> str:
     return f" Did you mean {close[0]!r}?" if close else ""
 
 
+def _elsewhere(key: str) -> str:
+    """Where a key that is not in the section it was given under really lives, if anywhere."""
+    homes = [name for name, cls in _sections().items() if key in get_type_hints(cls)]
+    return f" {key!r} is a key of [{'], ['.join(homes)}]." if homes else ""
+
+
 def _coerce(where: str, value: Any, typ: type, choices: tuple[str, ...] | None) -> Any:
     """Check ``value`` against ``typ``, converting int to float; raise ConfigError if it does not fit."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
@@ -255,7 +261,7 @@ def _apply(cfg: JobConfig, table: dict[str, Any], origin: str) -> None:
         for key, value in values.items():
             if key not in fields:
                 raise ConfigError(f"{origin}: unknown key {sec_name}.{key}; valid keys of [{sec_name}]: "
-                                  f"{', '.join(fields)}." + _suggest(key, list(fields)))
+                                  f"{', '.join(fields)}." + (_elsewhere(key) or _suggest(key, list(fields))))
             if sec_name == "model" and key == "mixer":
                 if not isinstance(value, dict):
                     raise ConfigError(f"{origin}: model.mixer must be a table")
@@ -306,7 +312,7 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
         hints = get_type_hints(sections[sec_name])
         if key not in hints:
             raise ConfigError(f"--{dotted}: unknown key {key!r} of [{sec_name}]; valid keys: {', '.join(hints)}."
-                              + _suggest(key, list(hints)))
+                              + (_elsewhere(key) or _suggest(key, list(hints))))
         table.setdefault(sec_name, {})[key] = _parse_cli_value(f"--{dotted}", text, hints[key])
     return table
 
