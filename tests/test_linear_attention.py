@@ -146,7 +146,8 @@ def test_opcheck(variant):
 
 # -- mixers -------------------------------------------------------------------
 
-MIXER_CASES = [("gla", []), ("retnet", []), ("rwkv", []), ("rwkv", ["--model.mixer.decay", "static"])]
+MIXER_CASES = [("gla", []), ("retnet", []), ("rwkv", []), ("rwkv", ["--model.mixer.decay", "static"]),
+               ("gla", ["--model.mixer.short_conv", "4"]), ("retnet", ["--model.mixer.short_conv", "3"])]
 
 
 def _tiny_model(name: str, extra: list[str]):

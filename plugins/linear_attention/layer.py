@@ -1,6 +1,7 @@
 """The module skeleton shared by the gla, retnet and rwkv mixers.
 
-    q, k, v, log_decay, gate = features(x)                      # the mixer's own part
+    x'   = SiLU(causal_depthwise_conv(x))   if short_conv > 0    # optional, GLA/RetNet only
+    q, k, v, log_decay, gate = features(x')                     # the mixer's own part
     o, S = linear_attn_scan(q, k, v, log_decay, u, scale, S)    # per head, state S (K, V)
     y    = W_o (HeadNorm(o) * SiLU(gate))
 
@@ -8,9 +9,14 @@ HeadNorm is an RMSNorm over each head's V channels with a learned weight per
 channel. It stands in for the papers' group norm (GLA: RMSNorm per head as in
 fla; RetNet and RWKV: GroupNorm, i.e. LayerNorm per head, without the mean).
 
-The recurrent state is ``(context, S)``: ``context`` is what the mixer's features
-need from the past (None for GLA, the position for RetNet's rotary, the last
-token for RWKV's token shift) and S is (B, H, K, V) in float32.
+The optional short convolution (``short_conv`` = kernel width) gives the features
+the last few tokens, as the short convolutions used with GLA and RetNet on
+associative recall do; the papers' layers have none (the default, 0).
+
+The recurrent state is ``(context, window, S)``: ``context`` is what the mixer's
+features need from the past (None for GLA, the position for RetNet's rotary, the
+last token for RWKV's token shift), ``window`` the last ``short_conv - 1`` inputs
+(B, D, short_conv - 1) or None, and S is (B, H, K, V) in float32.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ class LinearAttention(RecurrentMixer):
     ``scale`` and, for RWKV, the ``bonus`` parameter (H, K/H)."""
 
     def __init__(self, dim: int, n_heads: int, key_dim: int, value_dim: int, n_layers: int,
-                 scale: float | None = None) -> None:
+                 scale: float | None = None, short_conv: int = 0) -> None:
         super().__init__()
         if key_dim % n_heads or value_dim % n_heads:
             raise ValueError(f"key dim {key_dim} and value dim {value_dim} must be multiples of n_heads {n_heads}")
@@ -69,6 +75,9 @@ class LinearAttention(RecurrentMixer):
         self.register_parameter("bonus", None)
         self.norm_weight = nn.Parameter(torch.empty(value_dim))
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
+        self.short_conv = short_conv
+        if short_conv > 0:
+            self.conv = nn.Conv1d(dim, dim, short_conv, groups=dim, bias=True)
         self.out_std = 0.02 / math.sqrt(2 * n_layers)
 
     def features(self, x: Tensor, context: Any) -> Features:
@@ -82,8 +91,19 @@ class LinearAttention(RecurrentMixer):
         """(B, T, H * X) as (B, T, H, X)."""
         return x.unflatten(-1, (self.n_heads, -1))
 
-    def mix(self, x: Tensor, state: tuple[Any, Tensor] | None, recurrent: bool) -> tuple[Tensor, tuple[Any, Tensor]]:
-        context, s = (None, None) if state is None else state
+    def convolve(self, x: Tensor, window: Tensor | None) -> tuple[Tensor, Tensor]:
+        """SiLU of the causal depthwise conv of x (B, T, D), continuing ``window``; and the new window."""
+        xt = x.transpose(1, 2)
+        prev = xt.new_zeros(xt.shape[0], xt.shape[1], self.short_conv - 1) if window is None else window.to(xt.dtype)
+        xt = torch.cat([prev, xt], dim=-1)
+        y = F.silu(F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1]))
+        return y.transpose(1, 2), xt[..., xt.shape[-1] - (self.short_conv - 1) :]
+
+    def mix(self, x: Tensor, state: tuple[Any, Any, Tensor] | None,
+            recurrent: bool) -> tuple[Tensor, tuple[Any, Any, Tensor]]:
+        context, window, s = (None, None, None) if state is None else state
+        if self.short_conv > 0:
+            x, window = self.convolve(x, window)
         f = self.features(x, context)
         if recurrent:
             if s is None:
@@ -95,12 +115,14 @@ class LinearAttention(RecurrentMixer):
         else:
             o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.bonus, self.scale, s, None)
         o = F.rms_norm(o, (self.head_v,), eps=1e-5).flatten(2) * self.norm_weight
-        return self.o_proj(o * F.silu(f.gate)), (f.context, s)
+        return self.o_proj(o * F.silu(f.gate)), (f.context, window, s)
 
     @torch.no_grad()
     def init_weights(self) -> None:
         nn.init.ones_(self.norm_weight)
         nn.init.trunc_normal_(self.o_proj.weight, std=self.out_std)
+        if self.short_conv > 0:
+            self.conv.reset_parameters()
         self.init_features()
 
     def scan_flops_per_token(self) -> float:
