@@ -187,3 +187,26 @@ def test_longhorn_op_uses_cuda_backend_under_compile() -> None:
     y, h = fn(*leaves.values())
     (y.float().square().sum() + h.sum()).backward()
     assert all(v.grad is not None for v in leaves.values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+def test_backward_fakes_are_contiguous_for_strided_inputs(kind: str) -> None:
+    """The extension returns contiguous gradients; the fakes must say so even when the block passes
+    strided views (x, dt and z are slices of wider projections), or compiled graphs fail their
+    stride asserts at run time. Runs on CPU: only the fake implementations are exercised."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import plugins.selective_scan.cuda  # noqa: F401  registers the backward ops
+
+    b, t, c, n = 2, 5, 6, 16
+    with FakeTensorMode():
+        wide = torch.empty(b, t, 3 * c)
+        x, dt, z = wide[..., :c], wide[..., c : 2 * c], wide[..., 2 * c :]
+        kq = torch.empty(b, n, t).transpose(1, 2)  # (B, T, N), strided
+        D, h0, dy, dh = torch.empty(c), torch.empty(b, c, n), torch.empty(b, t, c), torch.empty(b, c, n)
+        if kind == "longhorn":
+            grads = torch.ops.longhorn_zoo.longhorn_scan_cuda_bwd(x, dt, kq, kq, D, z, h0, None, dy, dh)
+        else:
+            A = torch.empty(n, c).t()
+            grads = torch.ops.longhorn_zoo.mamba_scan_cuda_bwd(x, dt, A, kq, kq, D, z, h0, None, dy, dh)
+    assert all(g.is_contiguous() for g in grads), [g.stride() for g in grads]

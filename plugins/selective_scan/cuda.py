@@ -165,6 +165,12 @@ def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT) -> list[T
 # Backward custom ops: opaque nodes for torch.compile, so the CUDA backward traces without a break.
 
 
+def _like(t: Tensor) -> Tensor:
+    """A contiguous empty tensor of t's shape and dtype: the extension's outputs are contiguous whatever
+    the strides of its inputs (``empty_like`` would copy those strides, and Inductor checks them)."""
+    return t.new_empty(t.shape)
+
+
 @torch.library.custom_op("longhorn_zoo::longhorn_scan_cuda_bwd", mutates_args=())
 def longhorn_scan_cuda_bwd(
     x: Tensor, dt: Tensor, k: Tensor, q: Tensor, D: Tensor, z: Tensor | None, initial_state: Tensor | None,
@@ -179,10 +185,9 @@ def longhorn_scan_cuda_bwd(
 
 @longhorn_scan_cuda_bwd.register_fake
 def _(x, dt, k, q, D, z, initial_state, reset, dy, d_final_state):
-    dz = torch.empty_like(x) if z is not None else x.new_empty(0)
+    dz = _like(x) if z is not None else x.new_empty(0)
     dh0 = x.new_empty(x.shape[0], x.shape[2], k.shape[-1], dtype=torch.float32)
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(k), torch.empty_like(q), torch.empty_like(D),
-            dz, dh0)  # fmt: skip
+    return _like(x), _like(dt), _like(k), _like(q), _like(D), dz, dh0
 
 
 @torch.library.custom_op("longhorn_zoo::mamba_scan_cuda_bwd", mutates_args=())
@@ -198,10 +203,9 @@ def mamba_scan_cuda_bwd(
 
 @mamba_scan_cuda_bwd.register_fake
 def _(x, dt, A, B, C, D, z, initial_state, reset, dy, d_final_state):
-    dz = torch.empty_like(x) if z is not None else x.new_empty(0)
+    dz = _like(x) if z is not None else x.new_empty(0)
     dh0 = x.new_empty(x.shape[0], x.shape[2], B.shape[-1], dtype=torch.float32)
-    return (torch.empty_like(x), torch.empty_like(dt), torch.empty_like(A), torch.empty_like(B), torch.empty_like(C),
-            torch.empty_like(D), dz, dh0)  # fmt: skip
+    return _like(x), _like(dt), _like(A), _like(B), _like(C), _like(D), dz, dh0
 
 
 # ---------------------------------------------------------------------------------------------
