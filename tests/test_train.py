@@ -91,3 +91,20 @@ def test_schedules_warm_up_then_decay_to_the_floor():
     assert lr_factor(50, 100, cfg) == 1.0
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert 0.1 < lr_factor(95, 100, cfg) < 1.0
+
+
+def test_tied_embeddings_stay_tied_after_materialising_from_meta():
+    """Module.to_empty replaces each module's Parameter, so a meta-built model with tied embeddings
+    came out with an LM head that was never initialised; init_weights ties them again."""
+    from trainer.model import build_model
+
+    cfg = load_config(None, ["--model.name", "llama", "--model.dim", "32", "--model.n_layers", "1",
+                             "--model.tie_embeddings", "true"])
+    model = build_model(cfg.model, 16, "meta")
+    model.to_empty(device="cpu")
+    model.init_weights()
+    assert model.output.weight is model.tok_embeddings.weight
+    assert len(list(model.parameters())) == len({id(p) for p in model.parameters()})
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
+    model(tokens).sum().backward()
+    assert model.tok_embeddings.weight.grad is not None

@@ -144,6 +144,9 @@ class LM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
+        if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
+            # Module.to_empty (meta -> device) gives every module a new Parameter, which unties them
+            self.output.weight = self.tok_embeddings.weight
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
         for layer in self.layers.values():
             layer.init_weights()
