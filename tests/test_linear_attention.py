@@ -181,3 +181,22 @@ def test_mixer_forward_split_with_state_equals_one_pass(name, extra):
     first, states = model(tokens[:, :20], return_states=True)
     second, _ = model(tokens[:, 20:], states, return_states=True)
     torch.testing.assert_close(torch.cat([first, second], 1), logits)
+
+
+@pytest.mark.parametrize(("name", "extra"), [("rwkv", []), ("rwkv", ["--model.mixer.decay", "static"]), ("gla", [])])
+def test_mixer_log_decay_is_bounded_for_the_chunked_kernels(name, extra):
+    """An unbounded decay (RWKV's -exp(d) with a large d, GLA's logsigmoid of a very negative logit) is
+    clamped at MIN_LOG_DECAY in the model, where the chunked kernels' factored weights stay finite."""
+    from plugins.linear_attention.layer import MIN_LOG_DECAY
+
+    model = _tiny_model(name, extra)
+    mixer = model.layers["0"].mixer
+    mixer = mixer.time_mix if name == "rwkv" else mixer
+    with torch.no_grad():
+        if name == "rwkv":
+            mixer.decay_base.fill_(6.0)  # -exp(6) = -403 per step before the clamp
+        else:
+            mixer.gk_up.bias.fill_(-500.0)  # logsigmoid(-500) / 16 = -31 per step
+    x = torch.randn(2, 9, 64, dtype=torch.float64)
+    log_decay = mixer.features(x, None).log_decay
+    assert log_decay.min().item() == pytest.approx(MIN_LOG_DECAY)

@@ -4,7 +4,7 @@ Per head (Yang et al. 2023, "Gated Linear Attention Transformers with
 Hardware-Efficient Training", arXiv 2312.06635):
 
     q, k, v, g = W_q x, W_k x, W_v x, W_g x                 # K = expand_k D, V = expand_v D
-    log a_t    = logsigmoid(W_2 W_1 x_t + b) / 16           # low rank 16, a_t in (0, 1)^K
+    log a_t    = max(logsigmoid(W_2 W_1 x_t + b) / 16, -5)  # low rank 16, a_t in (0, 1)^K
     S_t        = diag(a_t) S_{t-1} + k_t v_t^T,   o_t = q_t^T S_t / sqrt(K / H)
     y          = W_o (HeadRMSNorm(o) * SiLU(g))
 
@@ -18,7 +18,7 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugins.linear_attention.layer import Features, LinearAttention
+from plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay
 from trainer.hookspecs import MixerArgs
 
 
@@ -36,7 +36,7 @@ class GLA(LinearAttention):
 
     def features(self, x: Tensor, context: Any) -> Features:
         q, k, v, g = self.in_proj(x).split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
-        log_decay = F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.gate_logit_normalizer
+        log_decay = bounded_log_decay(F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.gate_logit_normalizer)
         return Features(self.heads(q), self.heads(k), self.heads(v), self.heads(log_decay), g, None)
 
     def init_features(self) -> None:

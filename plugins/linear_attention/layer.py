@@ -142,6 +142,18 @@ def flops_per_token(build: Callable[[MixerArgs], nn.Module]) -> Callable[[MixerA
     return count
 
 
+# The chunked Triton kernels factor each chunk's pair weights around its middle step, which stays
+# finite while a key's log decay summed over half a chunk is above about -80: -5 per step at the
+# default chunk of 32 (a decay factor of e^-5 = 0.0067). Mixers whose decay is unbounded clamp it
+# here, in the model, so that every backend computes the same function.
+MIN_LOG_DECAY = -5.0
+
+
+def bounded_log_decay(log_decay: Tensor) -> Tensor:
+    """``log_decay`` clamped below at :data:`MIN_LOG_DECAY` (no gradient where clamped)."""
+    return log_decay.clamp(min=MIN_LOG_DECAY)
+
+
 def assign_(param: Tensor, value: Tensor) -> None:
     """``param.copy_(value)`` for a value computed in full on every rank, also when ``param`` is an
     FSDP-sharded DTensor (each rank keeps its own shard of ``value``; no communication)."""

@@ -4,7 +4,7 @@ Time mix (Peng et al. 2024, "Eagle and Finch", arXiv 2404.05892), x_{t-1} by tok
 
     ddlerp_c(x_t, x_{t-1}) = x_t + (x_{t-1} - x_t) * (mu_c + tanh(lerp_x W_1) W_2,c)   c in r, k, v, g, w
     r, k, v, g = W_r xr, W_k xk, W_v xv, W_g xg
-    w_t        = exp(-exp(d_0 + tanh(xw A) B))            # data-dependent decay, per head and key
+    w_t        = exp(max(-exp(d_0 + tanh(xw A) B), -5))   # data-dependent decay, per head and key
     o_t        = r_t^T (S_{t-1} + diag(u) k_t v_t^T),   S_t = diag(w_t) S_{t-1} + k_t v_t^T
     h          = W_o (HeadRMSNorm(o) * SiLU(g))
 
@@ -35,7 +35,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugins.linear_attention.layer import Features, LinearAttention, RecurrentMixer, assign_, token_shift
+from plugins.linear_attention.layer import (
+    Features,
+    LinearAttention,
+    RecurrentMixer,
+    assign_,
+    bounded_log_decay,
+    token_shift,
+)
 from trainer.hookspecs import MixerArgs
 
 
@@ -78,9 +85,9 @@ class TimeMix(LinearAttention):
         r, k, v, g = (F.linear(mixed[i], w[i]) for i in range(4))
         if self.dynamic:
             d = self.decay_base.flatten() + torch.tanh(mixed[4] @ self.decay_down) @ self.decay_up
-            log_decay = self.heads(-torch.exp(d.float()))
+            log_decay = self.heads(bounded_log_decay(-torch.exp(d.float())))
         else:
-            log_decay = (-torch.exp(self.decay_base.float())).expand(*x.shape[:2], -1, -1)
+            log_decay = bounded_log_decay(-torch.exp(self.decay_base.float())).expand(*x.shape[:2], -1, -1)
         return Features(self.heads(r), self.heads(k), self.heads(v), log_decay, g, last)
 
     def init_features(self) -> None:
