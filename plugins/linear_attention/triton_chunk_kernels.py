@@ -184,6 +184,7 @@ def _fwd_output(
     PREC: tl.constexpr,
 ):
     """o for value block i_v of chunk i_t."""
+    scale = tl.full([], scale, tl.float32)  # fp32 even where Inductor passes the Python float as fp64
     i_v, i_t, i_bh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_b, i_h = i_bh // H, i_bh % H
     seg, last = _segments(reset, i_b, i_t, T, BT, HAS_RESET)
@@ -238,6 +239,7 @@ def _bwd_state(
     HAS_RESET: tl.constexpr,
 ):
     """dh[n] = gradient of the state leaving chunk n; dh0 = gradient of the initial state (fp32)."""
+    scale = tl.full([], scale, tl.float32)  # fp32 even where Inductor passes the Python float as fp64
     i_kv, i_bh = tl.program_id(0), tl.program_id(1)
     NV = tl.cdiv(V, BV)
     i_k, i_v = i_kv // NV, i_kv % NV
@@ -300,6 +302,7 @@ def _bwd_chunk(
     q_t dq~_t from the query side and dbC = sum_v h' dh' from the chunk total; dg is
     their reverse running sum (bq_t = b_{t-1} shifts the query side by one step).
     """
+    scale = tl.full([], scale, tl.float32)  # fp32 even where Inductor passes the Python float as fp64
     i_t, i_bh = tl.program_id(0), tl.program_id(1)
     i_b, i_h = i_bh // H, i_bh % H
     seg, last = _segments(reset, i_b, i_t, T, BT, HAS_RESET)
