@@ -1,150 +1,267 @@
-"""Check and time every backend of every scan op, as the blocks call them.
+"""Check and time every scan op of every plugin, with causal attention as a comparison row, in one run.
 
-Usage (on a GPU machine): ``python -m benchmarks.ops [--sweep] [--ops longhorn,mamba]``.
+Usage (on a GPU machine, from the repo root)::
 
-Each :class:`OpCase` names an op, how to draw its inputs, its float64 reference and the bytes
-it must move at least. For every case the script checks each fast backend against the
-float64 reference (forward, all gradients, final state) on fresh random inputs, then times
-forward, and forward plus backward (medians of CUDA-event timings via
-``triton.testing.do_bench``), and prints one table with the memory floor at 4.24 TB/s and the
-peak memory the call allocates beyond its inputs.
+    python -m benchmarks.ops                    # all ops: the checks, then the timing table
+    python -m benchmarks.ops --quick            # the first check and the target shape of each op only
+    python -m benchmarks.ops --ops gla,rwkv --sweep
+
+Set ``LONGHORN_ZOO_BUILD_DIR`` to keep the CUDA extension build (about 2 min) between runs.
+
+Ops (``--ops``): ``longhorn`` and ``mamba`` (the CUDA selective scans), ``gla``, ``retnet`` and ``rwkv``
+(the Triton linear-attention scan, as each mixer calls it) and ``sdpa`` (causal attention, timed only).
+
+Each :class:`OpCase` names an op, how to draw its inputs and the bytes it must move at least. First
+the fast backend of each op is checked against the op's reference run in float64 (forward outputs,
+all gradients, final state) on fresh random inputs at a reduced width; a relative error above
+:data:`TOLERANCE` is flagged FAIL. Then, at the full shapes, the script times forward and forward
+plus backward (medians of CUDA-event timings via ``triton.testing.do_bench``) of the fast backend,
+of the reference (through the op, as ``op_backend = "reference"`` runs it; only up to
+``reference_max_t``, it is slow) and of fla's chunk op when fla imports, and prints one table with
+the memory floor (bytes / 4.24 TB/s) and the peak memory a forward plus backward allocates beyond
+its inputs. The exit status is 1 when a check failed or our backend could not be timed.
 """
 
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+import inspect
+import itertools
+import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import Tensor
 
-from trainer.ops import ScanOp, set_backend_preference
+from trainer.ops import REFERENCE, ScanOp, set_backend_preference
 
 HBM_BYTES_PER_S = 4.24e12
-SHAPES = [(4, 2048), (1, 8192), (1, 16384), (1, 2048)]  # (B, T) at D_inner = 4096, N = 16
 CHANNELS, STATE = 4096, 16
+SCAN_SHAPES = [(4, 2048), (1, 8192), (1, 16384), (1, 2048)]  # (B, T) at D_inner = 4096, N = 16
+TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
+"""Largest relative error a check passes: it catches wrong results; tests/ hold the tight bounds."""
+SLOW_MS = 50.0
+"""A call slower than this is timed once after one warm-up call, not by ``do_bench``."""
 
 
 @dataclass
 class OpCase:
-    """One scan op to check and time.
+    """One op to check and time.
 
     Attributes:
-        name: Row label.
-        op: The op, called like its reference.
-        inputs: ``inputs(B, T, dtype, generator, channels) -> list`` of the op's arguments on the GPU.
-        floor_bytes: ``floor_bytes(B, T, dtype) -> (forward, forward + backward)`` bytes moved at least.
-        backends: Backend names to time (``"reference"`` is the op's reference through autograd).
+        name: ``--ops`` name and row label.
+        op: The op: a :class:`~trainer.ops.ScanOp`, or a plain function for a comparison row (not checked).
+        inputs: ``inputs(B, T, dtype, generator, width) -> list`` of the op's arguments, on the generator's device.
+        floor_bytes: ``floor_bytes(args) -> (forward, forward + backward)`` bytes the op moves at least.
+        width: The width timed: channels (selective scans) or heads (attention).
+        dims: The other dimensions, for the table.
+        shapes: (B, T) timed; the first is the target shape, the only one under ``--quick``.
+        checks: (B, T, width, dtype or None for ``--dtype``) of the float64 checks; the first one under ``--quick``.
+        backend: The fast backend (``set_backend_preference`` name).
+        reference_max_t: Time the reference up to this T (0: never).
+        fla: Returns fla's op with the op's signature (raises ImportError without fla), or None.
+        target_us: Forward plus backward target at the first shape, µs.
+        sweep: ``sweep(B, T)`` applies each launch setting of ``--sweep`` in turn, yielding its label.
     """
 
     name: str
-    op: ScanOp
+    op: Callable[..., tuple[Tensor, ...]]
     inputs: Callable[[int, int, torch.dtype, torch.Generator, int], list]
-    floor_bytes: Callable[[int, int, torch.dtype], tuple[float, float]]
-    backends: list[str] = field(default_factory=lambda: ["cuda"])
+    floor_bytes: Callable[[list], tuple[float, float]]
+    width: int
+    dims: str
+    shapes: list[tuple[int, int]]
+    checks: list[tuple[int, int, int, torch.dtype | None]] = field(default_factory=list)
+    backend: str = "cuda"
+    reference_max_t: int = 0
+    fla: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
+    target_us: float | None = None
+    sweep: Callable[[int, int], Iterator[str]] | None = None
+
+
+# ---- the selective scans (Longhorn, Mamba): CUDA kernels in csrc/ --------------------------------
 
 
 def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-    return torch.randn(*shape, generator=gen, device="cuda") * scale + shift
+    return torch.randn(*shape, generator=gen, device=gen.device) * scale + shift
 
 
-def _longhorn_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int = CHANNELS) -> list:
+def _longhorn_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
     x, dt, z = (_randn(gen, b, t, c).to(dtype) for _ in range(3))
     k, q = (_randn(gen, b, t, STATE, scale=0.3).to(dtype) for _ in range(2))
-    return [
-        x,
-        dt,
-        k,
-        q,
-        _randn(gen, c),
-        z,
-        _randn(gen, b, c, STATE),
-        torch.rand(b, t, generator=gen, device="cuda") < 1e-3,
-    ]
+    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
+    return [x, dt, k, q, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
 
 
-def _mamba_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int = CHANNELS) -> list:
+def _mamba_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
     x, z = (_randn(gen, b, t, c).to(dtype) for _ in range(2))
     dt = _randn(gen, b, t, c, shift=-3.0).to(dtype)
-    A = -torch.exp(torch.rand(c, STATE, generator=gen, device="cuda") * 2.8)
+    A = -torch.exp(torch.rand(c, STATE, generator=gen, device=gen.device) * 2.8)
     B, C = (_randn(gen, b, t, STATE, scale=0.5).to(dtype) for _ in range(2))
-    return [x, dt, A, B, C, _randn(gen, c), z, _randn(gen, b, c, STATE),
-            torch.rand(b, t, generator=gen, device="cuda") < 1e-3]  # fmt: skip
+    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
+    return [x, dt, A, B, C, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
 
 
-def _scan_floor(b: int, t: int, dtype: torch.dtype) -> tuple[float, float]:
+def _scan_floor(args: list) -> tuple[float, float]:
     """x, dt, z read and y written forward; x, dt, z, dy read and dx, ddt, dz written backward."""
-    e = torch.finfo(dtype).bits // 8
-    bt = b * t
-    small = bt * STATE * 2 * e  # the two (B, T, N) vectors
-    fwd = bt * CHANNELS * 4 * e + small
-    return fwd, fwd + bt * CHANNELS * 7 * e + 2 * small
+    x, initial_state = args[0], args[-2]
+    big = x.numel() * x.element_size()  # one (B, T, C) tensor
+    small = 2 * x.shape[0] * x.shape[1] * initial_state.shape[-1] * x.element_size()  # the two (B, T, N) vectors
+    fwd = 4 * big + small
+    return fwd, fwd + 7 * big + 2 * small
+
+
+def _scan_sweep(b: int, t: int) -> Iterator[str]:
+    """Applies each launch shape of plugins.selective_scan.cuda.TUNING in turn, yielding its label; restores it."""
+    from plugins.selective_scan import cuda as ss
+
+    saved = dict(ss.TUNING)
+    try:
+        for lanes, fwd_blocks, bwd_blocks in itertools.product((2, 4), (1.0, 4.0), (3.0,)):
+            ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
+            chunks = ss.chunk_lengths(b, t, CHANNELS)
+            yield f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} chunks {chunks}"
+    finally:
+        ss.TUNING.clear()
+        ss.TUNING.update(saved)
 
 
 def build_cases() -> list[OpCase]:
+    """Every op: the selective scans, the three linear-attention mixers, causal SDPA."""
+    from benchmarks import linear_attention as la
+    from plugins.linear_attention.ops import linear_attn_scan
     from plugins.longhorn.ops import longhorn_scan
     from plugins.mamba.ops import mamba_scan
 
-    return [
-        OpCase("longhorn_scan", longhorn_scan, _longhorn_inputs, _scan_floor),
-        OpCase("mamba_scan", mamba_scan, _mamba_inputs, _scan_floor),
+    scan = dict(
+        width=CHANNELS,
+        dims=f"C={CHANNELS} N={STATE}",
+        shapes=SCAN_SHAPES,
+        reference_max_t=2048,
+        checks=[(2, 2049, 256, None), (1, 300, 96, torch.float32)],
+        sweep=_scan_sweep,
+    )
+    cases = [
+        OpCase("longhorn", longhorn_scan, _longhorn_inputs, _scan_floor, target_us=600.0, **scan),
+        OpCase("mamba", mamba_scan, _mamba_inputs, _scan_floor, target_us=1000.0, **scan),
     ]
+    cases += [
+        OpCase(v.name, linear_attn_scan, partial(la.inputs, v), la.floor_bytes, width=v.heads,
+               dims=f"H={v.heads} K=V={v.head_dim}", shapes=la.SHAPES, backend="triton", reference_max_t=2048,
+               checks=[(2, 2049, 2, None), (1, 300, 1, torch.float32)], fla=partial(la.fla_op, v),
+               target_us=v.target_us, sweep=partial(la.sweep, v))
+        for v in la.VARIANTS.values()
+    ]  # fmt: skip
+    sdpa_dims = f"H={la.SDPA_HEADS} D={la.SDPA_HEAD_DIM}"
+    cases.append(OpCase("sdpa", la.causal_sdpa, la.sdpa_inputs, la.sdpa_floor, width=la.SDPA_HEADS, dims=sdpa_dims,
+                        shapes=la.SHAPES, backend="torch"))  # fmt: skip
+    return cases
 
 
-# ---------------------------------------------------------------------------------------------
+# ---- checking ------------------------------------------------------------------------------------
 
 
-def _rel(a: Tensor, b: Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+def _rel(a: Tensor | None, b: Tensor) -> float:
+    """Relative L2 error of a against b; a missing gradient (None) counts as zeros."""
+    a = torch.zeros_like(b) if a is None else a
+    a, b = a.detach().double(), b.detach().double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
-def check(case: OpCase, backend: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int) -> dict[str, float]:
-    """Relative errors of the backend's outputs and gradients against the float64 reference."""
-    gen = torch.Generator(device="cuda").manual_seed(seed)
-    args = case.inputs(b, t, dtype, gen, c)
+def compare(
+    fn: Callable[..., tuple[Tensor, ...]],
+    reference: Callable[..., tuple[Tensor, ...]],
+    args: list,
+    gen: torch.Generator,
+) -> dict[str, float]:
+    """Relative errors of ``fn``'s outputs and gradients against ``reference`` run in float64 on the same args.
+
+    Every floating-point tensor argument is differentiated; the cotangent of the first output is
+    drawn in the first argument's dtype, the others in float32. Keys: ``out0``, ``out1``, ... and
+    ``d<argument name>``.
+    """
+    names = list(inspect.signature(reference).parameters)
     diff = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
-    ref_args = [a.double().requires_grad_() if i in diff else a for i, a in enumerate(args)]
-    outs_ref = case.op.reference(*ref_args)
-    cots = [torch.randn(o.shape, generator=gen, device="cuda") for o in outs_ref]
-    cots[0] = cots[0].to(dtype)  # dy in the input dtype; d final_state in float32
-    grads_ref = torch.autograd.grad(outs_ref, [ref_args[i] for i in diff], [cot.double() for cot in cots])
+    ref_args = [a.detach().double().requires_grad_() if i in diff else a for i, a in enumerate(args)]
+    outs_ref = reference(*ref_args)
+    cots = [torch.randn(o.shape, generator=gen, device=gen.device) for o in outs_ref]
+    cots[0] = cots[0].to(args[0].dtype)
+    grads_ref = torch.autograd.grad(
+        outs_ref, [ref_args[i] for i in diff], [c.double() for c in cots], allow_unused=True
+    )
     leaves = [a.detach().clone().requires_grad_() if i in diff else a for i, a in enumerate(args)]
-    set_backend_preference(backend)
-    try:
-        outs = case.op(*leaves)
-        grads = torch.autograd.grad(outs, [leaves[i] for i in diff], cots)
-    finally:
-        set_backend_preference("auto")
+    outs = fn(*leaves)
+    grads = torch.autograd.grad(outs, [leaves[i] for i in diff], cots, allow_unused=True)
     errs = {f"out{j}": _rel(o, r) for j, (o, r) in enumerate(zip(outs, outs_ref))}
-    errs.update({f"d{i}": _rel(g, r) for i, g, r in zip(diff, grads, grads_ref)})
+    errs.update({f"d{names[i]}": _rel(g, r) for i, g, r in zip(diff, grads, grads_ref) if r is not None})
     return errs
 
 
-def time_case(case: OpCase, backend: str, b: int, t: int, dtype: torch.dtype) -> dict[str, float]:
-    """Median µs of forward and forward+backward, and the peak extra memory in MiB."""
+def failures(errs: dict[str, float], dtype: torch.dtype) -> list[str]:
+    """Names whose error is NaN or above the tolerance for inputs of ``dtype``."""
+    tol = TOLERANCE.get(dtype, 1e-6)
+    return [name for name, e in errs.items() if not e <= tol]
+
+
+def check(
+    case: OpCase, b: int, t: int, width: int, dtype: torch.dtype, seed: int, device: str = "cuda"
+) -> dict[str, float]:
+    """Errors of the case's fast backend against its float64 reference, on fresh random inputs."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    args = case.inputs(b, t, dtype, gen, width)
+    set_backend_preference(case.backend)
+    try:
+        return compare(case.op, case.op.reference, args, gen)
+    finally:
+        set_backend_preference("auto")
+
+
+# ---- timing --------------------------------------------------------------------------------------
+
+
+def _median_us(fn: Callable[[], None], rep_ms: int, grad_to_none: list[Tensor]) -> float:
+    """Median µs of CUDA-event timings (``do_bench``); a call slower than SLOW_MS is timed once."""
     from triton.testing import do_bench
 
-    gen = torch.Generator(device="cuda").manual_seed(b * 7919 + t)
-    args = case.inputs(b, t, dtype, gen, CHANNELS)
+    fn()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    torch.cuda.synchronize()
+    if start.elapsed_time(end) > SLOW_MS:
+        return start.elapsed_time(end) * 1e3
+    return do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median") * 1e3
+
+
+def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
+    """Median µs of forward and of forward plus backward, and the peak extra MiB, of one implementation.
+
+    Args:
+        case: The op.
+        impl: ``case.backend``, ``"reference"`` (the op under that preference) or ``"fla"``.
+        args: The op's arguments; their floating-point tensors are made leaves that require grad.
+    """
+    fn = case.fla() if impl == "fla" else case.op
     diff = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
     leaves = [a.requires_grad_() if i in diff else a for i, a in enumerate(args)]
-    set_backend_preference(backend)
+    grad_to_none = [leaves[i] for i in diff]
+    set_backend_preference("auto" if impl == "fla" else impl)
     try:
         with torch.no_grad():
-            outs = case.op(*args)
-        cots = [torch.randn_like(o) for o in outs]
+            cots = [torch.randn_like(o) for o in fn(*args)]
 
         def fwd() -> None:
             with torch.no_grad():
-                case.op(*args)
+                fn(*args)
 
         def fwd_bwd() -> None:
-            torch.autograd.backward(case.op(*leaves), cots)
+            torch.autograd.backward(fn(*leaves), cots)
 
         fwd_bwd()
         torch.cuda.synchronize()
-        grad_to_none = [leaves[i] for i in diff]
         for g in grad_to_none:
             g.grad = None
         torch.cuda.reset_peak_memory_stats()
@@ -152,73 +269,176 @@ def time_case(case: OpCase, backend: str, b: int, t: int, dtype: torch.dtype) ->
         fwd_bwd()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        t_fwd = do_bench(fwd, warmup=25, rep=200, return_mode="median") * 1e3
-        t_all = do_bench(fwd_bwd, warmup=25, rep=300, grad_to_none=grad_to_none, return_mode="median") * 1e3
+        for g in grad_to_none:
+            g.grad = None
+        t_fwd = _median_us(fwd, 200, [])
+        t_all = _median_us(fwd_bwd, 300, grad_to_none)
     finally:
         set_backend_preference("auto")
-    return {"fwd": t_fwd, "bwd": t_all - t_fwd, "fwd+bwd": t_all, "peak_mib": peak}
+        for g in grad_to_none:
+            g.grad = None
+    return {"fwd": t_fwd, "fwd+bwd": t_all, "peak_mib": peak}
 
 
 def sweep(case: OpCase, b: int, t: int, dtype: torch.dtype) -> None:
-    """Times the CUDA backend under each launch-shape setting of plugins.selective_scan.cuda.TUNING."""
-    from plugins.selective_scan import cuda as ss
-
-    saved = dict(ss.TUNING)
-    print(f"\n{case.name} launch-shape sweep, B={b} T={t}: fwd_lanes fwd_blocks/SM bwd_blocks/SM -> fwd, fwd+bwd µs")
+    """Times the fast backend under each launch setting of the case's sweep."""
+    gen = torch.Generator(device="cuda").manual_seed(b * 7919 + t)
+    args = case.inputs(b, t, dtype, gen, case.width)
+    print(f"\n{case.name} sweep, B={b} T={t}: setting -> fwd, fwd+bwd µs", flush=True)
+    settings = case.sweep(b, t)
     try:
-        for lanes in (2, 4):
-            for fb in (1.0, 4.0):
-                for bb in (3.0,):
-                    ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fb, bwd_blocks_per_sm=bb)
-                    r = time_case(case, "cuda", b, t, dtype)
-                    lens = ss.chunk_lengths(b, t, CHANNELS)
-                    print(
-                        f"  {lanes} {fb:4.1f} {bb:4.1f} chunks {lens}: {r['fwd']:8.1f} {r['fwd+bwd']:8.1f}", flush=True
-                    )
+        for label in settings:
+            try:
+                r = time_case(case, case.backend, args)
+            except Exception as e:  # e.g. a setting the kernels cannot run: go on with the next
+                print(f"  {label}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+                continue
+            print(f"  {label}: {r['fwd']:8.1f} {r['fwd+bwd']:8.1f}", flush=True)
     finally:
-        ss.TUNING.clear()
-        ss.TUNING.update(saved)
+        settings.close()
 
 
-def main() -> None:
+# ---- the run -------------------------------------------------------------------------------------
+
+
+def _versions() -> str:
+    import triton
+
+    parts = [torch.cuda.get_device_name(), f"torch {torch.__version__}", f"triton {triton.__version__}"]
+    try:
+        import fla
+
+        parts.append(f"fla {fla.__version__}")
+    except Exception as e:  # fla is optional; say why it is absent
+        parts.append(f"no fla ({type(e).__name__})")
+    return ", ".join(parts)
+
+
+def run_checks(cases: list[OpCase], dtype: torch.dtype, quick: bool) -> bool:
+    """Prints the float64 checks of every case's fast backend; False if one failed."""
+    print("## correctness vs float64 (relative L2 error; out0 = output, out1 = final state, dX = grad of X)")
+    ok = True
+    for case in cases:
+        for b, t, width, check_dtype in case.checks[:1] if quick else case.checks:
+            check_dtype = check_dtype or dtype
+            head = f"{case.name:8s} {case.backend:6s} B={b} T={t} W={width} {str(check_dtype)[6:]:8s}"
+            try:
+                errs = check(case, b, t, width, check_dtype, seed=t)
+            except Exception as e:  # a compile or kernel failure: report it, check the next
+                ok = False
+                print(f"{head} FAIL {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            bad = failures(errs, check_dtype)
+            ok &= not bad
+            worst = max(errs, key=errs.get)
+            status = f"FAIL {','.join(bad)}" if bad else "ok"
+            detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
+            print(f"{head} worst {worst}={errs[worst]:.2e} {status}  {detail}", flush=True)
+    return ok
+
+
+def time_shape(case: OpCase, b: int, t: int, dtype: torch.dtype, fla: bool, notes: list[str]) -> dict:
+    """Times each implementation of the case at (B, T) on one set of inputs.
+
+    Returns:
+        ``{"floor": (fwd µs, fwd+bwd µs), impl: result}`` for our backend, ``"reference"`` and
+        ``"fla"``; a result is :func:`time_case`'s dict, or a word saying why there is none.
+        A failure is added to ``notes``.
+    """
+    gen = torch.Generator(device="cuda").manual_seed(b * 7919 + t)
+    args = case.inputs(b, t, dtype, gen, case.width)
+    out: dict = {"floor": tuple(x / HBM_BYTES_PER_S * 1e6 for x in case.floor_bytes(args)), REFERENCE: "—", "fla": "—"}
+    impls = [case.backend]
+    if isinstance(case.op, ScanOp) and case.reference_max_t:
+        impls += [REFERENCE] if t <= case.reference_max_t else []
+        out[REFERENCE] = f"skip (T > {case.reference_max_t})"
+    if case.fla is not None:
+        impls += ["fla"] if fla else []
+        out["fla"] = "n/a"
+    for impl in impls:
+        try:
+            out[impl] = time_case(case, impl, args)
+        except Exception as e:  # an OOM or a kernel failure: note it and go on with the next
+            out[impl] = "error"
+            notes.append(f"{case.name} {impl} B={b} T={t}: {type(e).__name__}: {str(e)[:300]}")
+        torch.cuda.empty_cache()
+    return out
+
+
+def _cells(r: dict[str, float] | str, keys: tuple[str, ...]) -> list[str]:
+    if isinstance(r, str):
+        return [r] + ["" for _ in keys[1:]]
+    return [f"{r[k]:.0f}" if k == "peak_mib" else f"{r[k]:.1f}" for k in keys]
+
+
+def run_timings(cases: list[OpCase], dtype: torch.dtype, quick: bool) -> bool:
+    """Times every case at its shapes and prints the table; False if our backend raised."""
+    title = (
+        f"## timings, {str(dtype)[6:]} (median µs; peak = MiB a fwd+bwd allocates beyond its inputs; "
+        f"floor = bytes / {HBM_BYTES_PER_S / 1e12:.2f} TB/s; ref = the op's reference backend)"
+    )
+    head = (
+        "| op | backend | B | T | dims | fwd | fwd+bwd | peak MiB | ref fwd | ref fwd+bwd | fla fwd | fla fwd+bwd "
+        "| fla peak MiB | floor fwd | floor fwd+bwd | target fwd+bwd |"
+    )
+    rows, notes, ok = [head, "|" + "---|" * head.count(" | ") + "---|"], [], True
+    print(f"\n{title}, as they come\n" + "\n".join(rows), flush=True)
+    for case in cases:
+        fla = case.fla is not None
+        if fla:
+            try:
+                case.fla()
+            except Exception as e:  # not installed, or an fla that does not import here
+                fla = False
+                notes.append(f"{case.name}: fla not timed ({type(e).__name__}: {e})")
+        for i, (b, t) in enumerate(case.shapes[:1] if quick else case.shapes):
+            r = time_shape(case, b, t, dtype, fla, notes)
+            ok &= isinstance(r[case.backend], dict)
+            target = f"≤ {case.target_us:.0f}" if case.target_us and i == 0 else ""
+            ours = _cells(r[case.backend], ("fwd", "fwd+bwd", "peak_mib"))
+            ref, fla_cells = _cells(r[REFERENCE], ("fwd", "fwd+bwd")), _cells(r["fla"], ("fwd", "fwd+bwd", "peak_mib"))
+            floor = [f"{x:.1f}" for x in r["floor"]]
+            row = [case.name, case.backend, str(b), str(t), case.dims, *ours, *ref, *fla_cells, *floor, target]
+            rows.append("| " + " | ".join(row) + " |")
+            print(rows[-1], flush=True)
+    print("\n".join(["", title, *rows, "", *notes]))
+    return ok
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parses the arguments, runs the checks, the sweeps and the timings; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--ops", default="", help="comma-separated case names (default: all)")
-    parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--sweep", action="store_true", help="also sweep the CUDA launch shape at the first shape")
-    args = parser.parse_args()
+    parser.add_argument("--ops", default="", help="comma-separated op names (default: all): "
+                        "longhorn, mamba, gla, retnet, rwkv, sdpa")  # fmt: skip
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    parser.add_argument("--quick", action="store_true", help="only the first shape and the first check of each op")
+    parser.add_argument("--sweep", action="store_true", help="also time each launch setting of the fast backends")
+    args = parser.parse_args(argv)
+    cases = build_cases()
+    wanted = [n for n in args.ops.split(",") if n]
+    unknown = sorted(set(wanted) - {c.name for c in cases})
+    if unknown:
+        parser.error(f"unknown op(s) {', '.join(unknown)}; choose from {', '.join(c.name for c in cases)}")
+    cases = [c for c in cases if not wanted or c.name in wanted]
+    if not torch.cuda.is_available():
+        sys.exit("benchmarks.ops times GPU kernels and needs a CUDA GPU; torch.cuda.is_available() is False here.")
     dtype = getattr(torch, args.dtype)
-    cases = [c for c in build_cases() if not args.ops or c.name in args.ops.split(",")]
 
-    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, dtype {args.dtype}")
-    print("## correctness vs float64 (relative L2 error; out0 = y, out1 = final state, dI = grad of argument I)")
-    for case in cases:
-        for backend in case.backends:
-            for b, t, c, dt_ in [(2, 2049, 256, dtype), (1, 300, 96, torch.float32)]:
-                errs = check(case, backend, b, t, c, dt_, seed=t)
-                worst = max(errs, key=errs.get)
-                head = f"{case.name:16s} {backend:6s} B={b} T={t} C={c} {str(dt_)[6:]:8s}"
-                detail = " ".join(f"{k}={v:.1e}" for k, v in errs.items())
-                print(f"{head} worst {worst}={errs[worst]:.2e}  {detail}", flush=True)
-
+    print(f"# {_versions()}, dtype {args.dtype}", flush=True)
+    ok = True
+    for case in [c for c in cases if isinstance(c.op, ScanOp)]:
+        if case.backend not in case.op.available_backends():  # the CUDA build happens here
+            ok = False
+            print(f"{case.name}: backend {case.backend!r} unavailable here (see the warning above); skipped")
+            cases.remove(case)
+    ok &= run_checks([c for c in cases if isinstance(c.op, ScanOp)], dtype, args.quick)
     if args.sweep:
-        for case in cases:
-            sweep(case, *SHAPES[0], dtype)
-
-    rows = []
-    for case in cases:
-        for b, t in SHAPES:
-            floor_f, floor_fb = (x / HBM_BYTES_PER_S * 1e6 for x in case.floor_bytes(b, t, dtype))
-            for backend in case.backends:
-                r = time_case(case, backend, b, t, dtype)
-                rows.append((case.name, backend, b, t, r, floor_f, floor_fb))
-                torch.cuda.empty_cache()
-    print(f"\n## timings, {args.dtype}, D_inner={CHANNELS}, N={STATE} (median µs; floor = bytes / 4.24 TB/s)")
-    print("| op | backend | B | T | fwd | bwd | fwd+bwd | floor fwd | floor fwd+bwd | peak extra MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    for name, backend, b, t, r, ff, ffb in rows:
-        print(f"| {name} | {backend} | {b} | {t} | {r['fwd']:.1f} | {r['bwd']:.1f} | {r['fwd+bwd']:.1f} | {ff:.1f} | "
-              f"{ffb:.1f} | {r['peak_mib']:.0f} |")  # fmt: skip
+        for case in [c for c in cases if c.sweep is not None]:
+            for b, t in case.shapes[:1] if args.quick else case.shapes:
+                sweep(case, b, t, dtype)
+    ok &= run_timings(cases, dtype, args.quick)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
