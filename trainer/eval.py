@@ -7,12 +7,16 @@
   scalars ``eval/ppl_at_<len>``).
 * For models trained on MQAR: recall accuracy over sequence lengths and numbers of
   key-value pairs (``eval/mqar_acc_kv<P>_len<T>``).
+
+``--json PATH`` also writes the measured numbers, with the model's parameter counts,
+as one JSON object (``scripts/study.py`` collects them).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import math
 import sys
 from pathlib import Path
@@ -97,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     add_checkpoint_args(p)
     p.add_argument("--tokens", type=int, default=16384, help="validation tokens per evaluated length")
     p.add_argument("--out", type=Path, help="folder for the plot and TensorBoard events (default: the dump folder)")
+    p.add_argument("--json", type=Path, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
     loaded = load_from_args(args)
     if loaded is None:
@@ -108,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
 
     writer = SummaryWriter(str(out / "tb_eval"))
     name = cfg.model.name
+    result = {"mixer": name, "n_layers": cfg.model.n_layers, "dim": cfg.model.dim, "dataset": cfg.data.dataset,
+              "seq_len": cfg.training.seq_len, "params": model.num_params(),
+              "params_non_embedding": model.num_params(exclude_embedding=True),
+              "device": torch.cuda.get_device_name(args.device) if str(args.device).startswith("cuda") else "cpu",
+              "torch": torch.__version__}
     if cfg.data.dataset == "mqar":
         print(f"MQAR recall accuracy of {name}\n  pairs  seq_len  accuracy")
-        for pairs, seq_len, acc in mqar_sweep(model, cfg, args.device):
+        sweep = mqar_sweep(model, cfg, args.device)
+        for pairs, seq_len, acc in sweep:
             print(f"  {pairs:5d}  {seq_len:7d}  {acc:8.3f}")
             writer.add_scalar(f"eval/mqar_acc_kv{pairs}_len{seq_len}", acc)
+        result["mqar_num_kv_pairs"] = cfg.data.mqar_num_kv_pairs
+        result["mqar"] = [{"pairs": p, "seq_len": t, "accuracy": a} for p, t, a in sweep]
     else:
         rows = extrapolation(model, cfg, args.tokens, args.device)
         val = rows[0][1]
@@ -124,7 +137,15 @@ def main(argv: list[str] | None = None) -> int:
         writer.add_scalar("eval/val_loss", val)
         png = plot(rows, out / "extrapolation.png", f"{name}: trained at {cfg.training.seq_len} tokens")
         print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
+        result["tokens_per_length"] = args.tokens
+        result["val_loss"] = val
+        result["extrapolation"] = [{"factor": f, "length": length, "loss": loss, "ppl": math.exp(loss)}
+                                   for (length, loss), f in zip(rows, FACTORS)]
     writer.close()
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"numbers: {args.json}")
     return 0
 
 
