@@ -282,3 +282,29 @@ def test_streaming_a_corpus_larger_than_the_memory_budget_stays_under_it(tmp_pat
     assert out.returncode == 0, out.stderr
     growth = json.loads(out.stdout.strip().splitlines()[-1])["peak_growth_mb"]
     assert growth < budget_mb, f"reading {corpus.stat().st_size >> 20} MiB grew the peak RSS by {growth:.0f} MiB"
+
+
+def test_mqar_layout_context_then_keys_only_queries():
+    from trainer.data.mqar import IGNORE, make_batch
+
+    pairs, seq_len, vocab = 6, 40, 64
+    b = make_batch(64, seq_len, pairs, vocab, torch.Generator().manual_seed(0))
+    inputs, labels = b["inputs"], b["labels"]
+    assert inputs.shape == labels.shape == (64, seq_len)
+    for x, y in zip(inputs.tolist(), labels.tolist()):
+        keys, values = x[0 : 2 * pairs : 2], x[1 : 2 * pairs : 2]
+        assert len(set(keys)) == pairs and len(set(values)) == pairs
+        assert all(1 <= k < vocab // 2 for k in keys) and all(vocab // 2 <= v < vocab for v in values)
+        answer = dict(zip(keys, values))
+        query = x[2 * pairs :]
+        scored = [t for t in range(2 * pairs, seq_len) if y[t] != IGNORE]
+        # every key is asked once, at an even offset of the query section, and labelled with its value
+        assert sorted(x[t] for t in scored) == sorted(keys)
+        assert all((t - 2 * pairs) % 2 == 0 and y[t] == answer[x[t]] for t in scored)
+        # no value is shown after the context, and nothing but padding sits between the queries
+        assert not set(query) & set(values)
+        assert all(x[t] == 0 for t in range(2 * pairs, seq_len) if t not in scored)
+        assert all(v == IGNORE for v in y[: 2 * pairs])
+    # the queries come in a random order and at random slots
+    first = [x[2 * pairs] for x in inputs.tolist()]
+    assert len(set(first)) > 1 and any(v == 0 for v in first)

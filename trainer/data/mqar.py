@@ -1,14 +1,16 @@
-"""Multi-query associative recall (MQAR), generated from a seed.
+"""Multi-query associative recall (MQAR), generated from a seed, in the layout of Zoology.
 
-A sequence holds P key-value pairs, then the same P keys again in a random order,
-each followed by its value::
+A sequence holds P key-value pairs, then the same P keys again, in a random order and at
+random even offsets of the query section, with padding (token 0) everywhere else::
 
-    k1 v1 k2 v2 ... kP vP | kπ1 vπ1 kπ2 vπ2 ... kπP vπP | 0 0 ...
+    k1 v1 k2 v2 ... kP vP | 0 0 kπ1 0 kπ2 0 0 0 ... kπP 0
 
-The model is scored only where it must recall: at each query key the target is
-that key's value (loss and accuracy on the answers only; every other label is
-``IGNORE``). Token 0 is padding; keys come from [1, V/2) and values from [V/2, V),
-with V = ``vocab_size``; keys within a sequence are distinct.
+The model is scored only where it must recall: at each query key the target is that key's
+value (loss and accuracy on the answers only; every other label is ``IGNORE``). The values
+are never shown in the query section, so a query can only be answered by looking its key
+up in the context (no answer can be inferred from the answers already given). Keys come
+from [1, V/2) and values from [V/2, V), with V = ``vocab_size``; within a sequence the keys
+are distinct and so are the values.
 """
 
 from __future__ import annotations
@@ -51,13 +53,15 @@ def make_batch(batch_size: int, seq_len: int, num_kv: int, vocab: int, gen: torc
     """One batch: ``inputs`` and ``labels`` of shape (batch_size, seq_len)."""
     half = vocab // 2
     keys = torch.argsort(torch.rand(batch_size, half - 1, generator=gen), dim=1)[:, :num_kv] + 1
-    values = torch.randint(half, vocab, (batch_size, num_kv), generator=gen)
-    order = torch.argsort(torch.rand(batch_size, num_kv, generator=gen), dim=1)
-    qk, qv = keys.gather(1, order), values.gather(1, order)
-    ctx = torch.stack([keys, values], dim=2).flatten(1)
-    queries = torch.stack([qk, qv], dim=2).flatten(1)
-    pad = torch.zeros(batch_size, seq_len - 4 * num_kv, dtype=torch.long)
-    inputs = torch.cat([ctx, queries, pad], dim=1)
+    values = torch.argsort(torch.rand(batch_size, vocab - half, generator=gen), dim=1)[:, :num_kv] + half
+    context = torch.stack([keys, values], dim=2).flatten(1)
+    # the query section has (seq_len - 2P) // 2 even slots; P of them, chosen at random, hold the keys
+    slots = (seq_len - 2 * num_kv) // 2
+    chosen = torch.argsort(torch.rand(batch_size, slots, generator=gen), dim=1)[:, :num_kv]
+    pos = 2 * num_kv + 2 * chosen
+    inputs = torch.zeros(batch_size, seq_len, dtype=torch.long)
+    inputs[:, : 2 * num_kv] = context
+    inputs.scatter_(1, pos, keys)
     labels = torch.full_like(inputs, IGNORE)
-    labels[:, 2 * num_kv : 4 * num_kv : 2] = qv
+    labels.scatter_(1, pos, values)
     return {"inputs": inputs, "labels": labels}
