@@ -241,5 +241,10 @@ def test_gpu_compiled_scan_op_fullgraph():
     grads = torch.autograd.grad(compiled(*leaves), leaves)
     ref_in = [x.detach().double().requires_grad_() for x in leaves]
     grads_ref = torch.autograd.grad(loss(naive_scan, *ref_in), ref_in)
-    for gr, gref in zip(grads, grads_ref):
-        assert ((gr.double() - gref).norm() / gref.norm()).item() < 3e-2
+    for name, gr, gref in zip(("q", "k", "v", "log_decay", "bonus", "initial_state"), grads, grads_ref):
+        # finite first: on the H200 this test saw a NaN error ratio while a standalone compiled-vs-eager
+        # run of the same op and inputs matched exactly; these asserts say which side it comes from
+        assert torch.isfinite(gr).all(), f"compiled d{name} is not finite"
+        assert torch.isfinite(gref).all(), f"float64 reference d{name} is not finite"
+        err = ((gr.double() - gref).norm() / gref.norm()).item()
+        assert err < 3e-2, f"d{name}: relative error {err:.2e}"
