@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import inspect
-import itertools
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -38,8 +37,6 @@ from torch import Tensor
 from trainer.ops import REFERENCE, ScanOp, set_backend_preference
 
 HBM_BYTES_PER_S = 4.24e12
-CHANNELS, STATE = 4096, 16
-SCAN_SHAPES = [(4, 2048), (1, 8192), (1, 16384), (1, 2048)]  # (B, T) at D_inner = 4096, N = 16
 TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
 """Largest relative error a check passes: it catches wrong results; tests/ hold the tight bounds."""
 SLOW_MS = 50.0
@@ -81,71 +78,25 @@ class OpCase:
     sweep: Callable[[int, int], Iterator[str]] | None = None
 
 
-# ---- the selective scans (Longhorn, Mamba): CUDA kernels in csrc/ --------------------------------
-
-
-def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
-    return torch.randn(*shape, generator=gen, device=gen.device) * scale + shift
-
-
-def _longhorn_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
-    x, dt, z = (_randn(gen, b, t, c).to(dtype) for _ in range(3))
-    k, q = (_randn(gen, b, t, STATE, scale=0.3).to(dtype) for _ in range(2))
-    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
-    return [x, dt, k, q, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
-
-
-def _mamba_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
-    x, z = (_randn(gen, b, t, c).to(dtype) for _ in range(2))
-    dt = _randn(gen, b, t, c, shift=-3.0).to(dtype)
-    A = -torch.exp(torch.rand(c, STATE, generator=gen, device=gen.device) * 2.8)
-    B, C = (_randn(gen, b, t, STATE, scale=0.5).to(dtype) for _ in range(2))
-    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
-    return [x, dt, A, B, C, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
-
-
-def _scan_floor(args: list) -> tuple[float, float]:
-    """x, dt, z read and y written forward; x, dt, z, dy read and dx, ddt, dz written backward."""
-    x, initial_state = args[0], args[-2]
-    big = x.numel() * x.element_size()  # one (B, T, C) tensor
-    small = 2 * x.shape[0] * x.shape[1] * initial_state.shape[-1] * x.element_size()  # the two (B, T, N) vectors
-    fwd = 4 * big + small
-    return fwd, fwd + 7 * big + 2 * small
-
-
-def _scan_sweep(b: int, t: int) -> Iterator[str]:
-    """Applies each launch shape of plugins.selective_scan.cuda.TUNING in turn, yielding its label; restores it."""
-    from plugins.selective_scan import cuda as ss
-
-    saved = dict(ss.TUNING)
-    try:
-        for lanes, fwd_blocks, bwd_blocks in itertools.product((2, 4), (1.0, 4.0), (3.0,)):
-            ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
-            chunks = ss.chunk_lengths(b, t, CHANNELS)
-            yield f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} chunks {chunks}"
-    finally:
-        ss.TUNING.clear()
-        ss.TUNING.update(saved)
-
-
 def build_cases() -> list[OpCase]:
     """Every op: the selective scans, the three linear-attention mixers, causal SDPA."""
     from benchmarks import linear_attention as la
+    from benchmarks import selective_scan as ss
     from plugins.linear_attention.ops import linear_attn_scan
     from plugins.longhorn.ops import longhorn_scan
     from plugins.mamba.ops import mamba_scan
 
     scan = dict(
-        width=CHANNELS,
-        dims=f"C={CHANNELS} N={STATE}",
-        shapes=SCAN_SHAPES,
+        width=ss.CHANNELS,
+        dims=f"C={ss.CHANNELS} N={ss.STATE}",
+        shapes=ss.SHAPES,
         reference_max_t=2048,
         checks=[(2, 2049, 256, None), (1, 300, 96, torch.float32)],
-        sweep=_scan_sweep,
+        sweep=ss.sweep,
     )
     cases = [
-        OpCase("longhorn", longhorn_scan, _longhorn_inputs, _scan_floor, target_us=600.0, **scan),
-        OpCase("mamba", mamba_scan, _mamba_inputs, _scan_floor, target_us=1000.0, **scan),
+        OpCase("longhorn", longhorn_scan, ss.longhorn_inputs, ss.floor_bytes, target_us=600.0, **scan),
+        OpCase("mamba", mamba_scan, ss.mamba_inputs, ss.floor_bytes, target_us=1000.0, **scan),
     ]
     cases += [
         OpCase(v.name, linear_attn_scan, partial(la.inputs, v), la.floor_bytes, width=v.heads,

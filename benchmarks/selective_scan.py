@@ -1,0 +1,62 @@
+"""The selective-scan cases of the op benchmark (run them with ``python -m benchmarks.ops``).
+
+Longhorn and Mamba have CUDA kernels in ``csrc/``; both are timed at the channels and state size of
+a 1.3B model's layer (D_inner = 4096, N = 16). This module gives what :class:`benchmarks.ops.OpCase`
+needs for each: an input builder, the bytes the op must move and a sweep of the kernels' launch
+settings (``plugins.selective_scan.cuda.TUNING``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+CHANNELS, STATE = 4096, 16
+SHAPES = [(4, 2048), (1, 8192), (1, 16384), (1, 2048)]  # (B, T) at D_inner = 4096, N = 16
+
+
+def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float = 0.0) -> Tensor:
+    return torch.randn(*shape, generator=gen, device=gen.device) * scale + shift
+
+
+def longhorn_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
+    x, dt, z = (_randn(gen, b, t, c).to(dtype) for _ in range(3))
+    k, q = (_randn(gen, b, t, STATE, scale=0.3).to(dtype) for _ in range(2))
+    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
+    return [x, dt, k, q, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
+
+
+def mamba_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
+    x, z = (_randn(gen, b, t, c).to(dtype) for _ in range(2))
+    dt = _randn(gen, b, t, c, shift=-3.0).to(dtype)
+    A = -torch.exp(torch.rand(c, STATE, generator=gen, device=gen.device) * 2.8)
+    B, C = (_randn(gen, b, t, STATE, scale=0.5).to(dtype) for _ in range(2))
+    reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
+    return [x, dt, A, B, C, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
+
+
+def floor_bytes(args: list) -> tuple[float, float]:
+    """x, dt, z read and y written forward; x, dt, z, dy read and dx, ddt, dz written backward."""
+    x, initial_state = args[0], args[-2]
+    big = x.numel() * x.element_size()  # one (B, T, C) tensor
+    small = 2 * x.shape[0] * x.shape[1] * initial_state.shape[-1] * x.element_size()  # the two (B, T, N) vectors
+    fwd = 4 * big + small
+    return fwd, fwd + 7 * big + 2 * small
+
+
+def sweep(b: int, t: int) -> Iterator[str]:
+    """Applies each launch shape of plugins.selective_scan.cuda.TUNING in turn, yielding its label; restores it."""
+    from plugins.selective_scan import cuda as ss
+
+    saved = dict(ss.TUNING)
+    try:
+        for lanes, fwd_blocks, bwd_blocks in itertools.product((2, 4), (1.0, 4.0), (3.0,)):
+            ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
+            chunks = ss.chunk_lengths(b, t, CHANNELS)
+            yield f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} chunks {chunks}"
+    finally:
+        ss.TUNING.clear()
+        ss.TUNING.update(saved)
