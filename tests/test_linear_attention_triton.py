@@ -77,6 +77,7 @@ def naive_scan(
     """Token-by-token linear attention: S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T, o_t = scale q_t^T S_t
     (with a bonus u: o_t = scale q_t^T (S_{t-1} + diag(u) k_t v_t^T))."""
     B, T, H, K = q.shape
+    out_dtype = q.dtype  # what _naive_fake declares; a compiled graph reads the output as this dtype
     cd = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k, v, g = q.to(cd), k.to(cd), v.to(cd), log_decay.to(cd)
     S = q.new_zeros(B, H, K, v.shape[-1]) if initial_state is None else initial_state.to(cd)
@@ -93,7 +94,7 @@ def naive_scan(
         else:
             outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t], S + bonus.to(cd)[None, :, :, None] * kv))
             S = S * g[:, t].exp()[..., None] + kv
-    return (scale * torch.stack(outs, 1)).to(q.dtype), S
+    return (scale * torch.stack(outs, 1)).to(out_dtype), S
 
 
 def _naive_fake(q, k, v, log_decay, bonus, scale, initial_state, reset):
@@ -229,6 +230,8 @@ def test_gpu_compiled_scan_op_fullgraph():
 
     op = define_scan_op("longhorn_zoo_test::linear_attn_compiled", naive_scan, _naive_fake)
     register_triton_backend(op)
+    backend = op.select_backend("cuda")
+    assert backend is not None and backend.name == "triton", f"the op would run {backend} on CUDA, not triton"
     torch.manual_seed(2)
     q, k, v, g, u, scale, s0, rs = make_inputs("rwkv", 2, 300, 4, 64, 64, torch.bfloat16, "cuda")
     leaves = [x.requires_grad_() for x in (q, k, v, g, u, s0)]
