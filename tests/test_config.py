@@ -91,3 +91,25 @@ def test_key_given_under_the_wrong_section_names_its_section(tmp_path):
         load_config(None, ["--training.lr", "0.1"])
     with pytest.raises(ConfigError, match=r"'seq_len' is a key of \[training\]"):
         load_config(write(tmp_path, "[model]\nseq_len = 3\n"))
+
+
+def test_docs_configs_table_matches_the_configs():
+    """Every row of docs/configs.md (layers x dim, context, parameters) is what the config builds."""
+    import re
+
+    from trainer.model import build_model
+
+    root = Path(__file__).resolve().parents[1]
+    row = re.compile(r"\| `(\w+\.toml)` \| \w+ \| (\d+) x (\d+) \| (\d+) \| \w+ \| [^|]+\| ([\d,]+) \| ([\d,]+) \|")
+    rows = [m for line in (root / "docs" / "configs.md").read_text().splitlines() if (m := row.match(line))]
+    assert len(rows) >= 20
+    stale = []
+    for m in rows:
+        cfg = load_config(root / "train_configs" / m.group(1), [])
+        model = build_model(cfg.model, cfg.training.seq_len, "meta")
+        built = (cfg.model.n_layers, cfg.model.dim, cfg.training.seq_len, model.num_params(),
+                 model.num_params(exclude_embedding=True))
+        documented = tuple(int(g.replace(",", "")) for g in m.groups()[1:])
+        if built != documented:
+            stale.append(f"{m.group(1)}: documented {documented}, built {built}")
+    assert not stale, "docs/configs.md is stale:\n" + "\n".join(stale)
