@@ -95,7 +95,7 @@ def test_schedules_warm_up_then_decay_to_the_floor():
 
 def test_tied_embeddings_stay_tied_after_materialising_from_meta():
     """Module.to_empty replaces each module's Parameter, so a meta-built model with tied embeddings
-    came out with an LM head that was never initialised; init_weights ties them again."""
+    came out with an LM head that was never initialised; LM.to_empty ties them again."""
     from trainer.model import build_model
 
     cfg = load_config(None, ["--model.name", "llama", "--model.dim", "32", "--model.n_layers", "1",

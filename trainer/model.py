@@ -142,11 +142,15 @@ class LM(nn.Module):
             new_states.append(s)
         return self.output(self.norm(h)), new_states
 
-    @torch.no_grad()
-    def init_weights(self) -> None:
+    def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> LM:
+        super().to_empty(device=device, recurse=recurse)
         if self.args.tie_embeddings and self.output.weight is not self.tok_embeddings.weight:
             # Module.to_empty (meta -> device) gives every module a new Parameter, which unties them
             self.output.weight = self.tok_embeddings.weight
+        return self
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
         for layer in self.layers.values():
             layer.init_weights()
