@@ -18,17 +18,16 @@ from typing import Any
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay
+from plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay, expanded_dims
 from trainer.hookspecs import MixerArgs
 
 
 class GLA(LinearAttention):
     def __init__(self, args: MixerArgs) -> None:
         o = args.options
-        key_dim, value_dim = int(float(o["expand_k"]) * args.dim), int(float(o["expand_v"]) * args.dim)
+        key_dim, value_dim = expanded_dims(args)
         super().__init__(args.dim, int(o["n_heads"]), key_dim, value_dim, args.n_layers,
                          short_conv=int(o["short_conv"]))
-        self.key_dim, self.value_dim = key_dim, value_dim
         self.in_proj = nn.Linear(args.dim, 2 * self.key_dim + 2 * self.value_dim, bias=False)
         self.gk_down = nn.Linear(args.dim, int(o["gate_low_rank"]), bias=False)
         self.gk_up = nn.Linear(int(o["gate_low_rank"]), self.key_dim, bias=True)

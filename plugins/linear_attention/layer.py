@@ -61,6 +61,12 @@ class RecurrentMixer(nn.Module):
         return y.squeeze(1), state
 
 
+def expanded_dims(args: MixerArgs) -> tuple[int, int]:
+    """(key dim, value dim) = (expand_k, expand_v) x dim, from the mixer options (GLA, RetNet)."""
+    o = args.options
+    return int(float(o["expand_k"]) * args.dim), int(float(o["expand_v"]) * args.dim)
+
+
 class LinearAttention(RecurrentMixer):
     """Base of the three mixers: subclasses define :meth:`features`, :meth:`init_features`,
     ``scale`` and, for RWKV, the ``bonus`` parameter (H, K/H)."""
@@ -70,6 +76,7 @@ class LinearAttention(RecurrentMixer):
         super().__init__()
         if key_dim % n_heads or value_dim % n_heads:
             raise ValueError(f"key dim {key_dim} and value dim {value_dim} must be multiples of n_heads {n_heads}")
+        self.key_dim, self.value_dim = key_dim, value_dim
         self.n_heads, self.head_k, self.head_v = n_heads, key_dim // n_heads, value_dim // n_heads
         self.scale = self.head_k**-0.5 if scale is None else scale
         self.register_parameter("bonus", None)

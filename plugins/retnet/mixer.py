@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from plugins.linear_attention.layer import Features, LinearAttention
+from plugins.linear_attention.layer import Features, LinearAttention, expanded_dims
 from plugins.llama.attention import apply_rope
 from trainer.hookspecs import MixerArgs
 
@@ -25,10 +25,9 @@ from trainer.hookspecs import MixerArgs
 class RetNet(LinearAttention):
     def __init__(self, args: MixerArgs) -> None:
         o = args.options
-        key_dim, value_dim = int(float(o["expand_k"]) * args.dim), int(float(o["expand_v"]) * args.dim)
+        key_dim, value_dim = expanded_dims(args)
         super().__init__(args.dim, int(o["n_heads"]), key_dim, value_dim, args.n_layers,
                          short_conv=int(o["short_conv"]))
-        self.key_dim, self.value_dim = key_dim, value_dim
         self.rope_theta = float(o["rope_theta"])
         self.in_proj = nn.Linear(args.dim, 2 * key_dim + 2 * value_dim, bias=False)
 
