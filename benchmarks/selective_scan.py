@@ -22,18 +22,29 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float =
     return torch.randn(*shape, generator=gen, device=gen.device) * scale + shift
 
 
+def _block_views(gen: torch.Generator, b: int, t: int, c: int, dtype: torch.dtype, k_scale: float,
+                 dt_shift: float = 0.0) -> tuple[Tensor, ...]:  # fmt: skip
+    """x, dt, z, k, q laid out as the selective-scan block passes them (plugins/selective_scan/block.py):
+    x transposed from the convolution's (B, C, T) output, z the second half of in_proj's output,
+    k and q slices of x_proj's output (after the dt rank), dt the contiguous dt_proj output."""
+    x = _randn(gen, b, c, t).to(dtype).transpose(1, 2)
+    z = _randn(gen, b, t, 2 * c).to(dtype)[..., c:]
+    dt = _randn(gen, b, t, c, shift=dt_shift).to(dtype)
+    rank = c // 32
+    proj = _randn(gen, b, t, rank + 2 * STATE, scale=k_scale).to(dtype)
+    k, q = proj[..., rank : rank + STATE], proj[..., rank + STATE :]
+    return x, dt, z, k, q
+
+
 def longhorn_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
-    x, dt, z = (_randn(gen, b, t, c).to(dtype) for _ in range(3))
-    k, q = (_randn(gen, b, t, STATE, scale=0.3).to(dtype) for _ in range(2))
+    x, dt, z, k, q = _block_views(gen, b, t, c, dtype, k_scale=0.3)
     reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
     return [x, dt, k, q, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
 
 
 def mamba_inputs(b: int, t: int, dtype: torch.dtype, gen: torch.Generator, c: int) -> list:
-    x, z = (_randn(gen, b, t, c).to(dtype) for _ in range(2))
-    dt = _randn(gen, b, t, c, shift=-3.0).to(dtype)
+    x, dt, z, B, C = _block_views(gen, b, t, c, dtype, k_scale=0.5, dt_shift=-3.0)
     A = -torch.exp(torch.rand(c, STATE, generator=gen, device=gen.device) * 2.8)
-    B, C = (_randn(gen, b, t, STATE, scale=0.5).to(dtype) for _ in range(2))
     reset = torch.rand(b, t, generator=gen, device=gen.device) < 1e-3
     return [x, dt, A, B, C, _randn(gen, c), z, _randn(gen, b, c, STATE), reset]
 

@@ -20,9 +20,11 @@ ss::DType dtype_of(const at::Tensor& t) {
   }
 }
 
-void check(const at::Tensor& t, const char* name, at::IntArrayRef shape, std::optional<at::ScalarType> dtype) {
+// contiguous = false: any strides (the (B, T, C) inputs, read through their strides).
+void check(const at::Tensor& t, const char* name, at::IntArrayRef shape, std::optional<at::ScalarType> dtype,
+           bool contiguous = true) {
   TORCH_CHECK(t.is_cuda(), "selective scan: ", name, " must be a CUDA tensor");
-  TORCH_CHECK(t.is_contiguous(), "selective scan: ", name, " must be contiguous");
+  TORCH_CHECK(!contiguous || t.is_contiguous(), "selective scan: ", name, " must be contiguous");
   TORCH_CHECK(t.sizes() == shape, "selective scan: ", name, " has shape ", t.sizes(), ", expected ", shape);
   if (dtype) TORCH_CHECK(t.scalar_type() == *dtype, "selective scan: ", name, " must be ", *dtype, ", got ", t.scalar_type());
 }
@@ -32,6 +34,13 @@ const T* opt_ptr(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;
 }
 
+void set_strides(const at::Tensor& t, int64_t (&dst)[3]) {
+  for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
+}
+
+// A new contiguous (B, T, C) tensor like x (empty_like would copy x's strides, which may be a view's).
+at::Tensor new_btc(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
+
 // Fills the parameters shared by forward and backward and checks every input.
 ss::ScanParams make_params(int64_t kind, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& kin,
                            const at::Tensor& qout, const std::optional<at::Tensor>& A, const at::Tensor& D,
@@ -40,8 +49,8 @@ ss::ScanParams make_params(int64_t kind, const at::Tensor& x, const at::Tensor& 
   TORCH_CHECK(kind == kLonghorn || kind == kMamba, "selective scan: unknown kind ", kind);
   TORCH_CHECK(x.dim() == 3, "selective scan: x must be (B, T, C)");
   const int64_t B = x.size(0), T = x.size(1), C = x.size(2), N = ss::kStateSize;
-  check(x, "x", {B, T, C}, std::nullopt);
-  check(dt, "dt", {B, T, C}, x.scalar_type());
+  check(x, "x", {B, T, C}, std::nullopt, false);
+  check(dt, "dt", {B, T, C}, x.scalar_type(), false);
   check(kin, "kin", {B, T, N}, at::kFloat);
   check(qout, "qout", {B, T, N}, at::kFloat);
   check(D, "D", {C}, at::kFloat);
@@ -49,7 +58,7 @@ ss::ScanParams make_params(int64_t kind, const at::Tensor& x, const at::Tensor& 
     TORCH_CHECK(A.has_value(), "selective scan: Mamba needs A");
     check(*A, "A", {C, N}, at::kFloat);
   }
-  if (z) check(*z, "z", {B, T, C}, x.scalar_type());
+  if (z) check(*z, "z", {B, T, C}, x.scalar_type(), false);
   if (h0) check(*h0, "initial_state", {B, C, N}, at::kFloat);
   if (reset) check(*reset, "reset", {B, T}, at::kBool);
   TORCH_CHECK(chunk_len > 0 && chunk_len % ss::kTile == 0, "selective scan: chunk_len must be a positive multiple of ",
@@ -66,6 +75,9 @@ ss::ScanParams make_params(int64_t kind, const at::Tensor& x, const at::Tensor& 
   p.x = x.data_ptr();
   p.dt = dt.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
+  set_strides(x, p.x_stride);
+  set_strides(dt, p.dt_stride);
+  if (z) set_strides(*z, p.z_stride);
   p.kin = kin.data_ptr<float>();
   p.qout = qout.data_ptr<float>();
   p.A = kind == kMamba ? A->data_ptr<float>() : nullptr;
@@ -93,7 +105,7 @@ std::vector<at::Tensor> scan_fwd(int64_t kind, const at::Tensor& x, const at::Te
                                  const std::optional<at::Tensor>& reset, int64_t fwd_lanes, int64_t chunk_len) {
   const c10::cuda::CUDAGuard guard(x.device());
   ss::ScanParams p = make_params(kind, x, dt, kin, qout, A, D, z, h0, reset, chunk_len);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = new_btc(x);
   at::Tensor hT = h0 ? at::empty_like(*h0) : at::zeros({p.batch, p.channels, ss::kStateSize}, x.options().dtype(at::kFloat));
   if (p.seqlen == 0) {
     if (h0) hT.copy_(*h0);
@@ -120,11 +132,12 @@ std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Te
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK(chunk_len <= ss::kBwdMaxChunk, "selective scan: backward chunk_len must be <= ", ss::kBwdMaxChunk);
   ss::ScanParams p = make_params(kind, x, dt, kin, qout, A, D, z, h0, reset, chunk_len);
-  check(dy, "dy", {p.batch, p.seqlen, p.channels}, x.scalar_type());
+  check(dy, "dy", {p.batch, p.seqlen, p.channels}, x.scalar_type(), false);
+  set_strides(dy, p.dy_stride);
   check(dhT, "d final_state", {p.batch, p.channels, ss::kStateSize}, at::kFloat);
   const auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dx = at::empty_like(x), ddt = at::empty_like(x);
-  at::Tensor dz = z ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor dx = new_btc(x), ddt = new_btc(x);
+  at::Tensor dz = z ? new_btc(x) : at::empty({0}, x.options());
   at::Tensor dkin = at::zeros_like(kin), dqout = at::zeros_like(qout);
   at::Tensor dK = at::zeros({p.batch, p.seqlen}, f32);
   at::Tensor dA = kind == kMamba ? at::zeros_like(*A) : at::empty({0}, f32);

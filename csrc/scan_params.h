@@ -13,6 +13,8 @@
 
 #include <cuda_runtime_api.h>
 
+#include <cstdint>
+
 namespace selective_scan {
 
 constexpr int kStateSize = 16;     // N: the only state size with kernels
@@ -25,6 +27,10 @@ struct ScanParams {
   int batch = 0, seqlen = 0, channels = 0;
   int chunk_len = 0, nchunks = 1;  // time is split into nchunks chunks of chunk_len steps (a multiple of kTile)
   DType dtype = DType::kFloat32;   // dtype of x, dt, z, dy, y, dx, ddt, dz; everything else is float32
+
+  // Element strides (batch, time, channel) of x, dt, z, dy: these may be views (a transpose, a
+  // slice of a wider projection). y, dx, ddt, dz are written contiguous.
+  int64_t x_stride[3] = {0, 0, 0}, dt_stride[3] = {0, 0, 0}, z_stride[3] = {0, 0, 0}, dy_stride[3] = {0, 0, 0};
 
   // Inputs. (B, T, C): x, dt, z, dy. (B, T, N): kin, qout. (C, N): A. (C,): D. (B, C, N): h0, dhT. (B, T): reset.
   const void* x = nullptr;

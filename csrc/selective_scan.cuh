@@ -4,9 +4,13 @@
 // LANES threads share a channel, each holding kNS = 16 / LANES of its states in registers
 // (forward: the LANES threads of a channel sit in different warps, so each warp reads one
 // group of k, q values per step; backward: in one quad of lanes).
-// Time is walked in tiles of kTile steps: the block loads a tile of x, dt, z, dy (coalesced,
-// prefetched one tile ahead into registers), computes the per-(t, c) scalars once (delta, the
-// gate, ...) into shared memory, then every thread runs the recurrence over the tile.
+// Time is walked in tiles of kTile steps: the block loads a tile of x, dt, z, dy (through their
+// strides, so views need no copy; coalesced when the channels are adjacent; prefetched one tile
+// ahead into registers), computes the per-(t, c) scalars once (delta, the gate, ...) into shared
+// memory, then every thread runs the recurrence over the tile.
+// Resets. A tile with no reset step (nearly all) runs a loop without the per-state select that
+// zeroes the decay; in that loop Longhorn's update is h += (delta k)(x - k h), which is
+// a = 1 - delta k^2, u = delta x k in fewer instructions.
 //
 // Chunks. When B * C alone cannot fill the GPU, time is split into chunks that run in parallel:
 //   1. summary_kernel: per chunk, the end state from zero S and the decay product P
@@ -28,6 +32,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "scan_params.h"
 
@@ -167,6 +172,12 @@ struct KqSmem {
   int rst[kLt];
 };
 
+// Element (b, t, c) of a (B, T, C) input with the given element strides.
+template <typename T>
+__device__ __forceinline__ const T* column(const void* base, const int64_t (&stride)[3], int b, int t, int c) {
+  return static_cast<const T*>(base) + (b * stride[0] + c * stride[2] + t * stride[1]);
+}
+
 // Loads the tile starting at ts: (t, c) elements for this thread, 2 of the tile's k and q values.
 template <int LANES, bool kQ, bool kZ, bool kDy, typename T>
 __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, int t1, int cbase,
@@ -176,15 +187,21 @@ __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, in
   const int c = cbase + tid % L::kCh;
   const int row0 = tid / L::kCh;
   const bool use_z = kZ && p.z != nullptr;
+  // Each tensor: the thread's first element, then a fixed step between its elements.
+  const int t_first = ts + row0;
+  const T* xp = column<T>(p.x, p.x_stride, b, t_first, c);
+  const T* dp = column<T>(p.dt, p.dt_stride, b, t_first, c);
+  const T* zp = use_z ? column<T>(p.z, p.z_stride, b, t_first, c) : nullptr;
+  const T* gp = kDy ? column<T>(p.dy, p.dy_stride, b, t_first, c) : nullptr;
 #pragma unroll
   for (int i = 0; i < L::kElems; ++i) {
-    const int t = ts + row0 + i * L::kRowStride;
+    const int t = t_first + i * L::kRowStride;
     const bool ok = c < p.channels && t < t1;
-    const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + c;
-    r.x[i] = ok ? static_cast<const T*>(p.x)[off] : from_float<T>(0.f);
-    r.dt[i] = ok ? static_cast<const T*>(p.dt)[off] : from_float<T>(0.f);
-    if (use_z) r.z[i] = ok ? static_cast<const T*>(p.z)[off] : from_float<T>(0.f);
-    if (kDy) r.dy[i] = ok ? static_cast<const T*>(p.dy)[off] : from_float<T>(0.f);
+    const int64_t di = i * L::kRowStride;
+    r.x[i] = ok ? xp[di * p.x_stride[1]] : from_float<T>(0.f);
+    r.dt[i] = ok ? dp[di * p.dt_stride[1]] : from_float<T>(0.f);
+    if (use_z) r.z[i] = ok ? zp[di * p.z_stride[1]] : from_float<T>(0.f);
+    if (kDy) r.dy[i] = ok ? gp[di * p.dy_stride[1]] : from_float<T>(0.f);
   }
   const int kt = ts + tid / 8;
   const bool kok = kt < t1;
@@ -210,6 +227,14 @@ __device__ __forceinline__ void stage_kq(KqSmem& s, const R& r) {
     s.ksq[row] = ksq;
     s.rst[row] = r.rst;
   }
+}
+
+// Calls f(kRst) with kRst a compile-time bool: whether any step of the tile resets. Tiles without
+// a reset (nearly all) run without the per-state select that zeroes the decay.
+template <typename F>
+__device__ __forceinline__ void with_resets(bool any, F&& f) {
+  if (any) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 __device__ __forceinline__ size_t ws_index(const ScanParams& p, int b, int chunk, int c) {
@@ -267,7 +292,7 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
   load_tile<LANES, kAdj, kAdj, kAdj>(p, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<kAdj>(sm.kq, raw);
-    __syncthreads();
+    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
@@ -288,24 +313,27 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (ts + kLt < t1) load_tile<LANES, kAdj, kAdj, kAdj>(p, b, ts + kLt, t1, cbase, raw);
+    with_resets(tile_rst, [&](auto rst_c) {
+      constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
-    for (int s = 0; s < kLt; ++s) {
-      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-      const bool rs = sm.kq.rst[s] != 0;
-      float k[L::kNS], kk[L::kNS], q[L::kNS];
-      load_vec(k, &sm.kq.k[s][s0]);
-      load_vec(kk, &sm.kq.kk[s][s0]);
-      if (kAdj) load_vec(q, &sm.kq.q[s][s0]);
-      const float gy = kAdj ? sm.gy[s][cl] : 0.f;
+      for (int s = 0; s < kLt; ++s) {
+        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+        const bool rs = kRst && sm.kq.rst[s] != 0;
+        float k[L::kNS], kk[L::kNS], q[L::kNS];
+        load_vec(k, &sm.kq.k[s][s0]);
+        load_vec(kk, &sm.kq.kk[s][s0]);
+        if (kAdj) load_vec(q, &sm.kq.q[s][s0]);
+        const float gy = kAdj ? sm.gy[s][cl] : 0.f;
 #pragma unroll
-      for (int j = 0; j < L::kNS; ++j) {
-        float a = Tr::decay(delta, kk[j], a2[j]);
-        a = rs ? 0.f : a;
-        h[j] = fmaf(a, h[j], dxv * k[j]);
-        P[j] *= a;
-        if (kAdj) Sb[j] = fmaf(P[j], gy * q[j], Sb[j]);
+        for (int j = 0; j < L::kNS; ++j) {
+          float a = Tr::decay(delta, kk[j], a2[j]);
+          if (kRst) a = rs ? 0.f : a;
+          h[j] = fmaf(a, h[j], dxv * k[j]);
+          P[j] *= a;
+          if (kAdj) Sb[j] = fmaf(P[j], gy * q[j], Sb[j]);
+        }
       }
-    }
+    });
     __syncthreads();
   }
   if (c < p.channels) {
@@ -344,7 +372,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
   load_tile<LANES, true, true, false>(p, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<true>(sm.kq, raw);
-    __syncthreads();
+    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
@@ -365,24 +393,36 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (ts + kLt < t1) load_tile<LANES, true, true, false>(p, b, ts + kLt, t1, cbase, raw);
+    with_resets(tile_rst, [&](auto rst_c) {
+      constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
-    for (int s = 0; s < kLt; ++s) {
-      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-      const bool rs = sm.kq.rst[s] != 0;
-      float k[L::kNS], kk[L::kNS], q[L::kNS];
-      load_vec(k, &sm.kq.k[s][s0]);
-      load_vec(kk, &sm.kq.kk[s][s0]);
-      load_vec(q, &sm.kq.q[s][s0]);
-      float y = 0.f;
+      for (int s = 0; s < kLt; ++s) {
+        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+        const bool rs = kRst && sm.kq.rst[s] != 0;
+        float k[L::kNS], kk[L::kNS], q[L::kNS];
+        load_vec(k, &sm.kq.k[s][s0]);
+        load_vec(kk, &sm.kq.kk[s][s0]);
+        load_vec(q, &sm.kq.q[s][s0]);
+        float y = 0.f;
+        if constexpr (!kRst && Tr::kUsesKsq) {  // Longhorn: h += (delta k) (x - k h), 4 instructions with y
+          const float x = sm.x[s][cl];
 #pragma unroll
-      for (int j = 0; j < L::kNS; ++j) {
-        float a = Tr::decay(delta, kk[j], a2[j]);
-        a = rs ? 0.f : a;
-        h[j] = fmaf(a, h[j], dxv * k[j]);
-        y = fmaf(q[j], h[j], y);
+          for (int j = 0; j < L::kNS; ++j) {
+            h[j] = fmaf(delta * k[j], fmaf(-k[j], h[j], x), h[j]);
+            y = fmaf(q[j], h[j], y);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < L::kNS; ++j) {
+            float a = Tr::decay(delta, kk[j], a2[j]);
+            if (kRst) a = rs ? 0.f : a;
+            h[j] = fmaf(a, h[j], dxv * k[j]);
+            y = fmaf(q[j], h[j], y);
+          }
+        }
+        sm.y[L::group_of(tid)][s][cl] = y;
       }
-      sm.y[L::group_of(tid)][s][cl] = y;
-    }
+    });
     __syncthreads();
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
@@ -459,7 +499,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
     const int ts = t0 + it * kLt;
     ckpt[it * kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
     stage_kq<false>(sm.kq, raw);
-    __syncthreads();
+    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
@@ -472,20 +512,23 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
     }
     __syncthreads();
     if (it + 1 < ntiles) load_tile<kBwdLanes, false, false, false>(p, b, ts + kLt, t1, cbase, raw);
+    with_resets(tile_rst, [&](auto rst_c) {
+      constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
-    for (int s = 0; s < kLt; ++s) {
-      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-      const bool rs = sm.kq.rst[s] != 0;
-      float k[NS], kk[NS];
-      load_vec(k, &sm.kq.k[s][s0]);
-      load_vec(kk, &sm.kq.kk[s][s0]);
+      for (int s = 0; s < kLt; ++s) {
+        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+        const bool rs = kRst && sm.kq.rst[s] != 0;
+        float k[NS], kk[NS];
+        load_vec(k, &sm.kq.k[s][s0]);
+        load_vec(kk, &sm.kq.kk[s][s0]);
 #pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        float a = Tr::decay(delta, kk[j], a2[j]);
-        a = rs ? 0.f : a;
-        h[j] = fmaf(a, h[j], dxv * k[j]);
+        for (int j = 0; j < NS; ++j) {
+          float a = Tr::decay(delta, kk[j], a2[j]);
+          if (kRst) a = rs ? 0.f : a;
+          h[j] = fmaf(a, h[j], dxv * k[j]);
+        }
       }
-    }
+    });
     __syncthreads();
   }
 
@@ -503,7 +546,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
   for (int it = ntiles - 1; it >= 0; --it) {
     const int ts = t0 + it * kLt;
     stage_kq<true>(sm.kq, raw);
-    __syncthreads();
+    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
@@ -529,53 +572,56 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
     if (it > 0) load_tile<kBwdLanes, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
 
     // Recompute the tile's states: hist[s] = h_{ts+s-1}.
-    float hist[kLt + 1][NS];
-    {
-      const float4 h4 = ckpt[it * kThreads + tid];
-      hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
-    }
-#pragma unroll
-    for (int s = 0; s < kLt; ++s) {
-      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-      const bool rs = sm.kq.rst[s] != 0;
-      float k[NS], kk[NS];
-      load_vec(k, &sm.kq.k[s][s0]);
-      load_vec(kk, &sm.kq.kk[s][s0]);
-#pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        float a = Tr::decay(delta, kk[j], a2[j]);
-        a = rs ? 0.f : a;
-        hist[s + 1][j] = fmaf(a, hist[s][j], dxv * k[j]);
+    with_resets(tile_rst, [&](auto rst_c) {
+      constexpr bool kRst = decltype(rst_c)::value;
+      float hist[kLt + 1][NS];
+      {
+        const float4 h4 = ckpt[it * kThreads + tid];
+        hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
       }
-    }
 #pragma unroll
-    for (int s = kLt - 1; s >= 0; --s) {
-      const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
-      const bool rs = sm.kq.rst[s] != 0;
-      float k[NS], kk[NS], q[NS];
-      load_vec(k, &sm.kq.k[s][s0]);
-      load_vec(kk, &sm.kq.kk[s][s0]);
-      load_vec(q, &sm.kq.q[s][s0]);
-      float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+      for (int s = 0; s < kLt; ++s) {
+        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
+        const bool rs = kRst && sm.kq.rst[s] != 0;
+        float k[NS], kk[NS];
+        load_vec(k, &sm.kq.k[s][s0]);
+        load_vec(kk, &sm.kq.kk[s][s0]);
 #pragma unroll
-      for (int j = 0; j < NS; ++j) {
-        float a = Tr::decay(delta, kk[j], a2[j]);
-        a = rs ? 0.f : a;
-        const float hp = rs ? 0.f : hist[s][j], hn = hist[s + 1][j];
-        const float gj = fmaf(gy, q[j], g[j]);
-        dxa = fmaf(gj, k[j], dxa);
-        ys = fmaf(q[j], hn, ys);
-        v[NS + j] = gy * hn;
-        Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
-        g[j] = a * gj;
+        for (int j = 0; j < NS; ++j) {
+          float a = Tr::decay(delta, kk[j], a2[j]);
+          if (kRst) a = rs ? 0.f : a;
+          hist[s + 1][j] = fmaf(a, hist[s][j], dxv * k[j]);
+        }
       }
-      sm.dxa[sg][s][cl] = dxa;
-      sm.dda[sg][s][cl] = dda;
-      sm.ys[sg][s][cl] = ys;
-      const float r = transpose_reduce8(v, lane);
-      const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
-      if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
-    }
+#pragma unroll
+      for (int s = kLt - 1; s >= 0; --s) {
+        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
+        const bool rs = kRst && sm.kq.rst[s] != 0;
+        float k[NS], kk[NS], q[NS];
+        load_vec(k, &sm.kq.k[s][s0]);
+        load_vec(kk, &sm.kq.kk[s][s0]);
+        load_vec(q, &sm.kq.q[s][s0]);
+        float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+#pragma unroll
+        for (int j = 0; j < NS; ++j) {
+          float a = Tr::decay(delta, kk[j], a2[j]);
+          if (kRst) a = rs ? 0.f : a;
+          const float hp = kRst && rs ? 0.f : hist[s][j], hn = hist[s + 1][j];
+          const float gj = fmaf(gy, q[j], g[j]);
+          dxa = fmaf(gj, k[j], dxa);
+          ys = fmaf(q[j], hn, ys);
+          v[NS + j] = gy * hn;
+          Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
+          g[j] = a * gj;
+        }
+        sm.dxa[sg][s][cl] = dxa;
+        sm.dda[sg][s][cl] = dda;
+        sm.ys[sg][s][cl] = ys;
+        const float r = transpose_reduce8(v, lane);
+        const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+        if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
+      }
+    });
     __syncthreads();
 
     // Per-(t, c) gradients; the |k|^2 term of Longhorn is summed over the warp's 32 channels.

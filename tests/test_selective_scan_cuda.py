@@ -103,9 +103,19 @@ def _rel(a: Tensor, b: Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def _as_block_views(inp: dict[str, Tensor]) -> None:
+    """Replaces x by a transposed copy and z by a slice of a wider tensor, the views the block passes."""
+    x = inp["x"]
+    inp["x"] = x.transpose(1, 2).contiguous().transpose(1, 2)
+    if inp["z"] is not None:
+        wide = torch.cat([torch.zeros_like(inp["z"]), inp["z"]], dim=-1)
+        inp["z"] = wide[..., x.shape[-1] :]
+
+
 def check_scan(kind: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int, with_gate: bool = True,
-               with_state: bool = True, with_reset: bool = True) -> dict[str, float]:  # fmt: skip
-    """Runs the CUDA kernels and the float64 reference on the same (rounded) inputs; returns relative errors."""
+               with_state: bool = True, with_reset: bool = True, views: bool = False) -> dict[str, float]:  # fmt: skip
+    """Runs the CUDA kernels and the float64 reference on the same (rounded) inputs; returns relative errors.
+    views: pass x and z as strided views (see _as_block_views)."""
     from plugins.selective_scan import cuda as ss
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -117,6 +127,9 @@ def check_scan(kind: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int,
         inp["initial_state"] = None
     if not with_reset:
         inp["reset"] = None
+    if views:
+        _as_block_views(inp)
+        assert not inp["x"].is_contiguous()
     names = list(inp)
     ref_fn = longhorn_scan_reference if kind == "longhorn" else mamba_scan_reference
     diff = [n for n in names if inp[n] is not None and inp[n].is_floating_point()]
@@ -173,6 +186,32 @@ def test_scan_without_gate_state_or_reset(kind: str) -> None:
     errs = check_scan(kind, 2, 300, 96, torch.float16, seed=7, with_gate=False, with_state=False, with_reset=False)
     for name, e in errs.items():
         assert e == e and e < _bounds(torch.float16, name), f"{name} rel err {e:.2e} ({errs})"
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+@pytest.mark.parametrize("lanes", [2, 4])
+def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No time chunks in the forward (its launch at large B * C): it walks all of T from the initial
+    state; the backward takes its longest chunks."""
+    from plugins.selective_scan import cuda as ss
+
+    monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)
+    monkeypatch.setitem(ss.TUNING, "fwd_blocks_per_sm", 1e-3)
+    monkeypatch.setitem(ss.TUNING, "bwd_blocks_per_sm", 1e-3)
+    assert ss.chunk_lengths(2, 2049, 80) == (2064, ss.BWD_MAX_CHUNK)
+    errs = check_scan(kind, 2, 2049, 80, torch.bfloat16, seed=5 + lanes)
+    for name, e in errs.items():
+        assert e == e and e < _bounds(torch.bfloat16, name), f"{name} rel err {e:.2e} ({errs})"
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+def test_scan_reads_strided_views(kind: str) -> None:
+    """x transposed and z a slice, as the block passes them: read through their strides, no copy."""
+    errs = check_scan(kind, 2, 333, 80, torch.bfloat16, seed=11, views=True)
+    for name, e in errs.items():
+        assert e == e and e < _bounds(torch.bfloat16, name), f"{name} rel err {e:.2e} ({errs})"
 
 
 @needs_gpu

@@ -132,13 +132,16 @@ def _supported(x: Tensor, kin: Tensor) -> bool:
 
 def _prep(x: Tensor, dt: Tensor, kin: Tensor, qout: Tensor, D: Tensor, z: Tensor | None,
           h0: Tensor | None, reset: Tensor | None) -> tuple[Any, ...]:  # fmt: skip
+    """x, dt and z are read through their strides, whatever the view (the block passes x transposed
+    from the convolution and z a slice of in_proj); only the small tensors are made contiguous.
+    Reading a transposed x in place measured faster than copying it first (see docs/benchmarks.md)."""
     return (
-        x.contiguous(),
-        dt.to(x.dtype).contiguous(),
+        x,
+        dt.to(x.dtype),
         kin.float().contiguous(),
         qout.float().contiguous(),
         D.float().contiguous(),
-        None if z is None else z.to(x.dtype).contiguous(),
+        None if z is None else z.to(x.dtype),
         None if h0 is None else h0.float().contiguous(),
         None if reset is None else reset.bool().contiguous(),
     )
@@ -156,7 +159,7 @@ def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT) -> list[T
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
     _, bwd_len = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
-    dy = dy.to(x.dtype).contiguous()
+    dy = dy.to(x.dtype)
     dhT = dhT.float().contiguous()
     return load_extension().scan_bwd(kind, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, bwd_len)
 
