@@ -154,6 +154,14 @@ struct Mamba {
   __device__ static float grad_delta(float x, float dxa, float dda) { return fmaf(dda, kLn2, x * dxa); }
 };
 
+// a_t of one state: the scan's decay, or 0 at a reset step. kRst: the tile has a reset step
+// (rs is only looked at then).
+template <class Tr, bool kRst>
+__device__ __forceinline__ float step_decay(float delta, float kk, float a2, bool rs) {
+  const float a = Tr::decay(delta, kk, a2);
+  return kRst && rs ? 0.f : a;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Tiles: registers holding the next tile's raw inputs, and the shared-memory stage.
 
@@ -326,8 +334,7 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
         const float gy = kAdj ? sm.gy[s][cl] : 0.f;
 #pragma unroll
         for (int j = 0; j < L::kNS; ++j) {
-          float a = Tr::decay(delta, kk[j], a2[j]);
-          if (kRst) a = rs ? 0.f : a;
+          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
           h[j] = fmaf(a, h[j], dxv * k[j]);
           P[j] *= a;
           if (kAdj) Sb[j] = fmaf(P[j], gy * q[j], Sb[j]);
@@ -414,8 +421,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
         } else {
 #pragma unroll
           for (int j = 0; j < L::kNS; ++j) {
-            float a = Tr::decay(delta, kk[j], a2[j]);
-            if (kRst) a = rs ? 0.f : a;
+            const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
             h[j] = fmaf(a, h[j], dxv * k[j]);
             y = fmaf(q[j], h[j], y);
           }
@@ -523,8 +529,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
         load_vec(kk, &sm.kq.kk[s][s0]);
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
-          float a = Tr::decay(delta, kk[j], a2[j]);
-          if (kRst) a = rs ? 0.f : a;
+          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
           h[j] = fmaf(a, h[j], dxv * k[j]);
         }
       }
@@ -588,8 +593,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
         load_vec(kk, &sm.kq.kk[s][s0]);
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
-          float a = Tr::decay(delta, kk[j], a2[j]);
-          if (kRst) a = rs ? 0.f : a;
+          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
           hist[s + 1][j] = fmaf(a, hist[s][j], dxv * k[j]);
         }
       }
@@ -604,8 +608,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
         float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
-          float a = Tr::decay(delta, kk[j], a2[j]);
-          if (kRst) a = rs ? 0.f : a;
+          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
           const float hp = kRst && rs ? 0.f : hist[s][j], hn = hist[s + 1][j];
           const float gj = fmaf(gy, q[j], g[j]);
           dxa = fmaf(gj, k[j], dxa);
