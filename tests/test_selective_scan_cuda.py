@@ -166,6 +166,12 @@ def _bounds(dtype: torch.dtype, name: str) -> float:
     return 1e-2
 
 
+def assert_within_bounds(errs: dict[str, float], dtype: torch.dtype, what: str = "") -> None:
+    """Every relative error finite (not NaN) and under its bound for dtype."""
+    for name, e in errs.items():
+        assert e == e and e < _bounds(dtype, name), f"{what}{name} rel err {e:.2e} ({errs})"
+
+
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -176,16 +182,14 @@ def test_scan_matches_float64_reference(kind: str, t: int) -> None:
     b, c = (2, 80) if t <= 2049 else (1, 64)
     for dtype in (torch.float32, torch.bfloat16):
         errs = check_scan(kind, b, t, c, dtype, seed=1000 * t + (dtype == torch.bfloat16))
-        for name, e in errs.items():
-            assert e == e and e < _bounds(dtype, name), f"{kind} T={t} {dtype}: {name} rel err {e:.2e} ({errs})"
+        assert_within_bounds(errs, dtype, f"{kind} T={t} {dtype}: ")
 
 
 @needs_gpu
 @pytest.mark.parametrize("kind", ["longhorn", "mamba"])
 def test_scan_without_gate_state_or_reset(kind: str) -> None:
     errs = check_scan(kind, 2, 300, 96, torch.float16, seed=7, with_gate=False, with_state=False, with_reset=False)
-    for name, e in errs.items():
-        assert e == e and e < _bounds(torch.float16, name), f"{name} rel err {e:.2e} ({errs})"
+    assert_within_bounds(errs, torch.float16)
 
 
 @needs_gpu
@@ -201,8 +205,7 @@ def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setitem(ss.TUNING, "bwd_blocks_per_sm", 1e-3)
     assert ss.chunk_lengths(2, 2049, 80) == (2064, ss.BWD_MAX_CHUNK)
     errs = check_scan(kind, 2, 2049, 80, torch.bfloat16, seed=5 + lanes)
-    for name, e in errs.items():
-        assert e == e and e < _bounds(torch.bfloat16, name), f"{name} rel err {e:.2e} ({errs})"
+    assert_within_bounds(errs, torch.bfloat16)
 
 
 @needs_gpu
@@ -210,8 +213,7 @@ def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatc
 def test_scan_reads_strided_views(kind: str) -> None:
     """x transposed and z a slice, as the block passes them: read through their strides, no copy."""
     errs = check_scan(kind, 2, 333, 80, torch.bfloat16, seed=11, views=True)
-    for name, e in errs.items():
-        assert e == e and e < _bounds(torch.bfloat16, name), f"{name} rel err {e:.2e} ({errs})"
+    assert_within_bounds(errs, torch.bfloat16)
 
 
 @needs_gpu
