@@ -172,7 +172,7 @@ def check(
 # ---- timing --------------------------------------------------------------------------------------
 
 
-def _median_us(fn: Callable[[], None], rep_ms: int, grad_to_none: list[Tensor]) -> float:
+def _median_us(fn: Callable[[], None], rep_ms: int) -> float:
     """Median µs of CUDA-event timings (``do_bench``); a call slower than SLOW_MS is timed once."""
     from triton.testing import do_bench
 
@@ -184,11 +184,15 @@ def _median_us(fn: Callable[[], None], rep_ms: int, grad_to_none: list[Tensor]) 
     torch.cuda.synchronize()
     if start.elapsed_time(end) > SLOW_MS:
         return start.elapsed_time(end) * 1e3
-    return do_bench(fn, warmup=25, rep=rep_ms, grad_to_none=grad_to_none, return_mode="median") * 1e3
+    return do_bench(fn, warmup=25, rep=rep_ms, return_mode="median") * 1e3
 
 
 def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
     """Median µs of forward and of forward plus backward, and the peak extra MiB, of one implementation.
+
+    The backward returns the gradients of every floating-point argument (``torch.autograd.grad``)
+    rather than accumulating them into ``.grad``: accumulating into a leaf that is a transposed view
+    (the block's x) would add a strided copy that the block itself never makes.
 
     Args:
         case: The op.
@@ -198,7 +202,7 @@ def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
     fn = case.fla() if impl == "fla" else case.op
     diff = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
     leaves = [a.requires_grad_() if i in diff else a for i, a in enumerate(args)]
-    grad_to_none = [leaves[i] for i in diff]
+    wrt = [leaves[i] for i in diff]
     set_backend_preference("auto" if impl == "fla" else impl)
     try:
         with torch.no_grad():
@@ -209,25 +213,19 @@ def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
                 fn(*args)
 
         def fwd_bwd() -> None:
-            torch.autograd.backward(fn(*leaves), cots)
+            torch.autograd.grad(fn(*leaves), wrt, cots, allow_unused=True)
 
         fwd_bwd()
         torch.cuda.synchronize()
-        for g in grad_to_none:
-            g.grad = None
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         fwd_bwd()
         torch.cuda.synchronize()
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
-        for g in grad_to_none:
-            g.grad = None
-        t_fwd = _median_us(fwd, 200, [])
-        t_all = _median_us(fwd_bwd, 300, grad_to_none)
+        t_fwd = _median_us(fwd, 200)
+        t_all = _median_us(fwd_bwd, 300)
     finally:
         set_backend_preference("auto")
-        for g in grad_to_none:
-            g.grad = None
     return {"fwd": t_fwd, "fwd+bwd": t_all, "peak_mib": peak}
 
 
