@@ -38,6 +38,17 @@ void set_strides(const at::Tensor& t, int64_t (&dst)[3]) {
   for (int i = 0; i < 3; ++i) dst[i] = t.stride(i);
 }
 
+// The largest of 8, 4, 2, 1 elements that divides x's address (in elements), batch stride and channel stride.
+int time_run_alignment(const at::Tensor& x) {
+  const auto addr = reinterpret_cast<std::uintptr_t>(x.data_ptr());
+  const auto elem = static_cast<std::uintptr_t>(x.element_size());
+  if (addr % elem != 0) return 1;
+  for (int a = 8; a > 1; a /= 2) {
+    if ((addr / elem) % a == 0 && x.stride(0) % a == 0 && x.stride(2) % a == 0) return a;
+  }
+  return 1;
+}
+
 // A new contiguous (B, T, C) tensor like x (empty_like would copy x's strides, which may be a view's).
 at::Tensor new_btc(const at::Tensor& x) { return at::empty(x.sizes(), x.options()); }
 
@@ -76,6 +87,8 @@ ss::ScanParams make_params(int64_t kind, const at::Tensor& x, const at::Tensor& 
   p.dt = dt.data_ptr();
   p.z = z ? z->data_ptr() : nullptr;
   set_strides(x, p.x_stride);
+  p.x_time_major = x.stride(1) == 1 && x.stride(2) != 1;
+  p.x_align = p.x_time_major ? time_run_alignment(x) : 1;
   set_strides(dt, p.dt_stride);
   if (z) set_strides(*z, p.z_stride);
   p.kin = kin.data_ptr<float>();

@@ -31,6 +31,10 @@ struct ScanParams {
   // Element strides (batch, time, channel) of x, dt, z, dy: these may be views (a transpose, a
   // slice of a wider projection). y, dx, ddt, dz are written contiguous.
   int64_t x_stride[3] = {0, 0, 0}, dt_stride[3] = {0, 0, 0}, z_stride[3] = {0, 0, 0}, dy_stride[3] = {0, 0, 0};
+  // x with unit time stride (the block's transpose of the convolution output) is read along time,
+  // x_align elements at a time where its pointer and batch and channel strides allow (1, 2, 4 or 8).
+  bool x_time_major = false;
+  int x_align = 1;
 
   // Inputs. (B, T, C): x, dt, z, dy. (B, T, N): kin, qout. (C, N): A. (C,): D. (B, C, N): h0, dhT. (B, T): reset.
   const void* x = nullptr;

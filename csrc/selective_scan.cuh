@@ -7,7 +7,9 @@
 // Time is walked in tiles of kTile steps: the block loads a tile of x, dt, z, dy (through their
 // strides, so views need no copy; coalesced when the channels are adjacent; prefetched one tile
 // ahead into registers), computes the per-(t, c) scalars once (delta, the gate, ...) into shared
-// memory, then every thread runs the recurrence over the tile.
+// memory, then every thread runs the recurrence over the tile. An x whose steps are adjacent
+// instead (the block's transpose of the convolution output) is read in runs along time and
+// transposed through shared memory (the kXRun instances of the kernels).
 // Resets. A tile with no reset step (nearly all) runs a loop without the per-state select that
 // zeroes the decay; in that loop Longhorn's update is h += (delta k)(x - k h), which is
 // a = 1 - delta k^2, u = delta x k in fewer instructions.
@@ -186,8 +188,70 @@ __device__ __forceinline__ const T* column(const void* base, const int64_t (&str
   return static_cast<const T*>(base) + (b * stride[0] + c * stride[2] + t * stride[1]);
 }
 
+// E consecutive elements from src, in vectors of up to 16 bytes; src is aligned to the vector.
+template <typename T, int E>
+__device__ __forceinline__ void load_run(const T* src, T (&dst)[E]) {
+  constexpr int kBytes = E * static_cast<int>(sizeof(T));
+  using V = std::conditional_t<kBytes % 16 == 0, uint4, std::conditional_t<kBytes % 8 == 0, uint2, T>>;
+  constexpr int kPer = static_cast<int>(sizeof(V) / sizeof(T));
+#pragma unroll
+  for (int v = 0; v < E / kPer; ++v) {
+    const V w = reinterpret_cast<const V*>(src)[v];
+    memcpy(&dst[v * kPer], &w, sizeof(V));
+  }
+}
+
+// x's elements, like the other (B, T, C) inputs', are a thread's own (t, c) elements of Layout<LANES>,
+// except when x is time-major (x_time_major; the kernels' kXRun instances): then a thread reads
+// kElems consecutive steps of one channel, so that a warp reads whole runs of x, and stage_x puts
+// them where the element loops read them (x_at).
+template <int LANES>
+__device__ __forceinline__ int run_channel() { return threadIdx.x / LANES; }
+template <int LANES>
+__device__ __forceinline__ int run_start() { return (threadIdx.x % LANES) * Layout<LANES>::kElems; }
+
+// This thread's run of x: steps ts + run_start .. + kElems of channel cbase + run_channel (zeros outside).
+template <int LANES, typename T>
+__device__ __forceinline__ void load_x_run(const ScanParams& p, int b, int ts, int t1, int cbase,
+                                           T (&x)[Layout<LANES>::kElems]) {
+  constexpr int E = Layout<LANES>::kElems;
+  constexpr int kAlign = (E * sizeof(T) < 16 ? E * sizeof(T) : 16) / sizeof(T);  // elements per vector
+  const int c = cbase + run_channel<LANES>(), t = ts + run_start<LANES>();
+  const T* src = column<T>(p.x, p.x_stride, b, t, c);
+  if (c < p.channels && t + E <= t1 && p.x_align % kAlign == 0) {
+    load_run(src, x);
+  } else {
+#pragma unroll
+    for (int i = 0; i < E; ++i) x[i] = c < p.channels && t + i < t1 ? src[i] : from_float<T>(0.f);
+  }
+}
+
+// Shared-memory stage of a tile's x when it is read in runs (empty otherwise); rows padded so
+// that the run stores do not collide.
+template <int CH, bool kXRun>
+struct XStage {
+  float v[kLt][CH + 2];
+};
+template <int CH>
+struct XStage<CH, false> {};
+
+template <int LANES, bool kXRun, class XS, typename T>
+__device__ __forceinline__ void stage_x(XS& xs, const T (&x)[Layout<LANES>::kElems]) {
+  if constexpr (kXRun) {
+#pragma unroll
+    for (int i = 0; i < Layout<LANES>::kElems; ++i) xs.v[run_start<LANES>() + i][run_channel<LANES>()] = to_float(x[i]);
+  }
+}
+
+// x of this thread's element i (row, channel ecl) of the tile; after stage_x and a barrier.
+template <int LANES, bool kXRun, class XS, typename T>
+__device__ __forceinline__ float x_at(const XS& xs, const T (&x)[Layout<LANES>::kElems], int i, int row, int ecl) {
+  if constexpr (kXRun) return xs.v[row][ecl];
+  else return to_float(x[i]);
+}
+
 // Loads the tile starting at ts: (t, c) elements for this thread, 2 of the tile's k and q values.
-template <int LANES, bool kQ, bool kZ, bool kDy, typename T>
+template <int LANES, bool kXRun, bool kQ, bool kZ, bool kDy, typename T>
 __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, int t1, int cbase,
                                           RawTile<T, Layout<LANES>::kElems>& r) {
   using L = Layout<LANES>;
@@ -197,16 +261,17 @@ __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, in
   const bool use_z = kZ && p.z != nullptr;
   // Each tensor: the thread's first element, then a fixed step between its elements.
   const int t_first = ts + row0;
-  const T* xp = column<T>(p.x, p.x_stride, b, t_first, c);
+  const T* xp = column<T>(p.x, p.x_stride, b, t_first, c);  // x: unless time-major
   const T* dp = column<T>(p.dt, p.dt_stride, b, t_first, c);
   const T* zp = use_z ? column<T>(p.z, p.z_stride, b, t_first, c) : nullptr;
   const T* gp = kDy ? column<T>(p.dy, p.dy_stride, b, t_first, c) : nullptr;
+  if constexpr (kXRun) load_x_run<LANES>(p, b, ts, t1, cbase, r.x);
 #pragma unroll
   for (int i = 0; i < L::kElems; ++i) {
     const int t = t_first + i * L::kRowStride;
     const bool ok = c < p.channels && t < t1;
     const int64_t di = i * L::kRowStride;
-    r.x[i] = ok ? xp[di * p.x_stride[1]] : from_float<T>(0.f);
+    if constexpr (!kXRun) r.x[i] = ok ? xp[di * p.x_stride[1]] : from_float<T>(0.f);
     r.dt[i] = ok ? dp[di * p.dt_stride[1]] : from_float<T>(0.f);
     if (use_z) r.z[i] = ok ? zp[di * p.z_stride[1]] : from_float<T>(0.f);
     if (kDy) r.dy[i] = ok ? gp[di * p.dy_stride[1]] : from_float<T>(0.f);
@@ -276,16 +341,17 @@ __device__ __forceinline__ void load_a2(const ScanParams& p, int c, int s0, floa
 // ---------------------------------------------------------------------------------------------
 // 1. Chunk summaries (S, P; with kAdj also Sb), one chunk per blockIdx.y.
 
-template <int CH>
+template <int CH, bool kXRun>
 struct SummarySmem {
   KqSmem kq;
+  XStage<CH, kXRun> xs;
   float delta[kLt][CH], dxv[kLt][CH], gy[kLt][CH];
 };
 
-template <class Tr, int LANES, typename T, bool kAdj>
+template <class Tr, int LANES, typename T, bool kXRun, bool kAdj>
 __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
   using L = Layout<LANES>;
-  __shared__ SummarySmem<L::kCh> sm;
+  __shared__ SummarySmem<L::kCh, kXRun> sm;
   const int tid = threadIdx.x, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
   const int cl = L::channel_of(tid), s0 = L::group_of(tid) * L::kNS, c = cbase + cl;
   const int ecl = tid % L::kCh, erow = tid / L::kCh;
@@ -297,9 +363,10 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
   load_a2<Tr>(p, c, s0, a2);
 
   RawTile<T, L::kElems> raw;
-  load_tile<LANES, kAdj, kAdj, kAdj>(p, b, t0, t1, cbase, raw);
+  load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<kAdj>(sm.kq, raw);
+    stage_x<LANES, kXRun>(sm.xs, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
@@ -309,7 +376,7 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
       Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
       delta = ok ? delta : 0.f;
       sm.delta[row][ecl] = delta;
-      sm.dxv[row][ecl] = delta * to_float(raw.x[i]);
+      sm.dxv[row][ecl] = delta * x_at<LANES, kXRun>(sm.xs, raw.x, i, row, ecl);
       if (kAdj) {
         float gate = 1.f;
         if (p.z != nullptr) {
@@ -320,7 +387,7 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
       }
     }
     __syncthreads();
-    if (ts + kLt < t1) load_tile<LANES, kAdj, kAdj, kAdj>(p, b, ts + kLt, t1, cbase, raw);
+    if (ts + kLt < t1) load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
@@ -354,17 +421,18 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
 // ---------------------------------------------------------------------------------------------
 // 3a. Forward: y for one chunk from its entry state; the last chunk writes hT.
 
-template <int CH>
+template <int CH, bool kXRun>
 struct FwdSmem {
   KqSmem kq;
+  XStage<CH, kXRun> xs;
   float delta[kLt][CH], dxv[kLt][CH], x[kLt][CH], gate[kLt][CH];
   float y[kThreads / CH][kLt][CH];  // partial readouts, one per state group
 };
 
-template <class Tr, int LANES, typename T>
+template <class Tr, int LANES, typename T, bool kXRun>
 __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
   using L = Layout<LANES>;
-  __shared__ FwdSmem<L::kCh> sm;
+  __shared__ FwdSmem<L::kCh, kXRun> sm;
   const int tid = threadIdx.x, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
   const int cl = L::channel_of(tid), s0 = L::group_of(tid) * L::kNS, c = cbase + cl;
   const int ecl = tid % L::kCh, erow = tid / L::kCh, ec = cbase + ecl;
@@ -376,15 +444,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
   load_a2<Tr>(p, c, s0, a2);
 
   RawTile<T, L::kElems> raw;
-  load_tile<LANES, true, true, false>(p, b, t0, t1, cbase, raw);
+  load_tile<LANES, kXRun, true, true, false>(p, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<true>(sm.kq, raw);
+    stage_x<LANES, kXRun>(sm.xs, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
       const bool ok = ec < p.channels && ts + row < t1;
-      const float x = to_float(raw.x[i]);
+      const float x = x_at<LANES, kXRun>(sm.xs, raw.x, i, row, ecl);
       float delta, unused;
       Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
       delta = ok ? delta : 0.f;
@@ -399,7 +468,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
       sm.gate[row][ecl] = gate;
     }
     __syncthreads();
-    if (ts + kLt < t1) load_tile<LANES, true, true, false>(p, b, ts + kLt, t1, cbase, raw);
+    if (ts + kLt < t1) load_tile<LANES, kXRun, true, true, false>(p, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
@@ -453,7 +522,8 @@ constexpr int kBwdMaxTiles = kBwdMaxChunk / kLt;
 
 struct BwdSmem {
   KqSmem kq;
-  float delta[kLt][32], dxv[kLt][32], x[kLt][32], gy[kLt][32], ddt_scale[kLt][32], dsilu[kLt][32];
+  XStage<32, true> x;  // the tile's x: staged there when read in runs, else written by sweep 2's element loop
+  float delta[kLt][32], dxv[kLt][32], gy[kLt][32], ddt_scale[kLt][32], dsilu[kLt][32];
   float dxa[kBwdLanes][kLt][32], dda[kBwdLanes][kLt][32], ys[kBwdLanes][kLt][32];  // per state group
   alignas(16) float red[kLt][2 * kN];  // per step: dkin (16), dqout (16), summed over the block's channels
 };
@@ -479,7 +549,7 @@ __device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane
   return sum + __shfl_xor_sync(0xffffffffu, sum, 1);
 }
 
-template <class Tr, typename T>
+template <class Tr, typename T, bool kXRun>
 __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
   using L = Layout<kBwdLanes>;
   static_assert(L::kCh == 32 && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
@@ -500,11 +570,12 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
 
   // Sweep 1: forward through the chunk, checkpointing h at every tile start.
   RawTile<T, L::kElems> raw;
-  load_tile<kBwdLanes, false, false, false>(p, b, t0, t1, cbase, raw);
+  load_tile<kBwdLanes, kXRun, false, false, false>(p, b, t0, t1, cbase, raw);
   for (int it = 0; it < ntiles; ++it) {
     const int ts = t0 + it * kLt;
     ckpt[it * kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
     stage_kq<false>(sm.kq, raw);
+    stage_x<kBwdLanes, kXRun>(sm.x, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
@@ -514,10 +585,10 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
       Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
       delta = ok ? delta : 0.f;
       sm.delta[row][ecl] = delta;
-      sm.dxv[row][ecl] = delta * to_float(raw.x[i]);
+      sm.dxv[row][ecl] = delta * x_at<kBwdLanes, kXRun>(sm.x, raw.x, i, row, ecl);
     }
     __syncthreads();
-    if (it + 1 < ntiles) load_tile<kBwdLanes, false, false, false>(p, b, ts + kLt, t1, cbase, raw);
+    if (it + 1 < ntiles) load_tile<kBwdLanes, kXRun, false, false, false>(p, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
@@ -547,16 +618,17 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
     else load_vec(g, p.dhT + (static_cast<size_t>(b) * p.channels + c) * kN + s0);
   }
   float dD_acc = 0.f;
-  load_tile<kBwdLanes, true, true, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+  load_tile<kBwdLanes, kXRun, true, true, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
   for (int it = ntiles - 1; it >= 0; --it) {
     const int ts = t0 + it * kLt;
     stage_kq<true>(sm.kq, raw);
+    stage_x<kBwdLanes, kXRun>(sm.x, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
       const bool ok = ec < p.channels && ts + row < t1;
-      const float x = to_float(raw.x[i]), dy = to_float(raw.dy[i]);
+      const float x = x_at<kBwdLanes, kXRun>(sm.x, raw.x, i, row, ecl), dy = to_float(raw.dy[i]);
       float delta, ddt_scale;
       Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, ddt_scale);
       delta = ok ? delta : 0.f;
@@ -568,13 +640,13 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
       }
       sm.delta[row][ecl] = delta;
       sm.dxv[row][ecl] = delta * x;
-      sm.x[row][ecl] = x;
+      sm.x.v[row][ecl] = x;
       sm.gy[row][ecl] = ok ? dy * gate : 0.f;
       sm.ddt_scale[row][ecl] = ddt_scale;
       sm.dsilu[row][ecl] = dsilu;
     }
     __syncthreads();
-    if (it > 0) load_tile<kBwdLanes, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
+    if (it > 0) load_tile<kBwdLanes, kXRun, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
 
     // Recompute the tile's states: hist[s] = h_{ts+s-1}.
     with_resets(tile_rst, [&](auto rst_c) {
@@ -632,7 +704,7 @@ __global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride, t = ts + row;
       const bool ok = ec < p.channels && t < t1;
-      const float delta = sm.delta[row][ecl], x = sm.x[row][ecl], gy = sm.gy[row][ecl];
+      const float delta = sm.delta[row][ecl], x = sm.x.v[row][ecl], gy = sm.gy[row][ecl];
       float dxa = 0.f, dda = 0.f, ys = 0.f;
 #pragma unroll
       for (int g = 0; g < kBwdLanes; ++g) dxa += sm.dxa[g][row][ecl], dda += sm.dda[g][row][ecl], ys += sm.ys[g][row][ecl];
@@ -682,16 +754,23 @@ cudaError_t dispatch_dtype(DType dtype, F&& f) {
   return cudaErrorInvalidValue;
 }
 
-template <class Tr, int LANES, typename T>
+// Calls f(kXRun) with kXRun a compile-time bool: whether x is read in runs along time.
+template <typename F>
+cudaError_t dispatch_x_layout(const ScanParams& p, F&& f) {
+  if (p.x_time_major) return f(std::true_type{});
+  return f(std::false_type{});
+}
+
+template <class Tr, int LANES, typename T, bool kXRun>
 cudaError_t launch_fwd(const ScanParams& p) {
   using L = Layout<LANES>;
   const dim3 grid((p.channels + L::kCh - 1) / L::kCh, p.nchunks, p.batch);
   if (p.nchunks > 1) {
-    summary_kernel<Tr, LANES, T, false><<<dim3(grid.x, p.nchunks - 1, p.batch), kThreads, 0, p.stream>>>(p);
+    summary_kernel<Tr, LANES, T, kXRun, false><<<dim3(grid.x, p.nchunks - 1, p.batch), kThreads, 0, p.stream>>>(p);
     const cudaError_t err = scan_combine(p, true, false);
     if (err != cudaSuccess) return err;
   }
-  fwd_kernel<Tr, LANES, T><<<grid, kThreads, 0, p.stream>>>(p);
+  fwd_kernel<Tr, LANES, T, kXRun><<<grid, kThreads, 0, p.stream>>>(p);
   return cudaGetLastError();
 }
 
@@ -700,7 +779,10 @@ cudaError_t scan_fwd(const ScanParams& p, int lanes) {
   if (p.chunk_len % kLt != 0 || (lanes != 2 && lanes != 4)) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    return lanes == 2 ? launch_fwd<Tr, 2, T>(p) : launch_fwd<Tr, 4, T>(p);
+    return dispatch_x_layout(p, [&](auto run) {
+      constexpr bool kXRun = decltype(run)::value;
+      return lanes == 2 ? launch_fwd<Tr, 2, T, kXRun>(p) : launch_fwd<Tr, 4, T, kXRun>(p);
+    });
   });
 }
 
@@ -709,18 +791,22 @@ cudaError_t scan_bwd(const ScanParams& p) {
   if (p.chunk_len % kLt != 0 || p.chunk_len > kBwdMaxChunk) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    const dim3 grid((p.channels + 31) / 32, p.nchunks, p.batch);
-    if (p.nchunks > 1) {
-      summary_kernel<Tr, kBwdLanes, T, true><<<grid, kThreads, 0, p.stream>>>(p);
-      const cudaError_t err = scan_combine(p, true, true);
-      if (err != cudaSuccess) return err;
-    }
-    const int smem = (p.chunk_len / kLt) * kThreads * static_cast<int>(sizeof(float4));
-    static const cudaError_t attr = cudaFuncSetAttribute(bwd_kernel<Tr, T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                                         kBwdMaxTiles * kThreads * static_cast<int>(sizeof(float4)));
-    if (attr != cudaSuccess) return attr;
-    bwd_kernel<Tr, T><<<grid, kThreads, smem, p.stream>>>(p);
-    return cudaGetLastError();
+    return dispatch_x_layout(p, [&](auto run) {
+      constexpr bool kXRun = decltype(run)::value;
+      const dim3 grid((p.channels + 31) / 32, p.nchunks, p.batch);
+      if (p.nchunks > 1) {
+        summary_kernel<Tr, kBwdLanes, T, kXRun, true><<<grid, kThreads, 0, p.stream>>>(p);
+        const cudaError_t err = scan_combine(p, true, true);
+        if (err != cudaSuccess) return err;
+      }
+      const int smem = (p.chunk_len / kLt) * kThreads * static_cast<int>(sizeof(float4));
+      static const cudaError_t attr = cudaFuncSetAttribute(
+          bwd_kernel<Tr, T, kXRun>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+          kBwdMaxTiles * kThreads * static_cast<int>(sizeof(float4)));
+      if (attr != cudaSuccess) return attr;
+      bwd_kernel<Tr, T, kXRun><<<grid, kThreads, smem, p.stream>>>(p);
+      return cudaGetLastError();
+    });
   });
 }
 

@@ -210,10 +210,18 @@ def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatc
 
 @needs_gpu
 @pytest.mark.parametrize("kind", ["longhorn", "mamba"])
-def test_scan_reads_strided_views(kind: str) -> None:
-    """x transposed and z a slice, as the block passes them: read through their strides, no copy."""
-    errs = check_scan(kind, 2, 333, 80, torch.bfloat16, seed=11, views=True)
-    assert_within_bounds(errs, torch.bfloat16)
+@pytest.mark.parametrize("lanes", [2, 4])
+@pytest.mark.parametrize("t", [333, 344])
+def test_scan_reads_strided_views(kind: str, lanes: int, t: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """x transposed and z a slice, as the block passes them: read through their strides, no copy.
+    The transposed x is read along time: T = 344 (a multiple of 8, not of the tile) takes the
+    vector loads and a partial last tile, T = 333 the element-wise fallback."""
+    from plugins.selective_scan import cuda as ss
+
+    monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)
+    for dtype in (torch.float32, torch.bfloat16):
+        errs = check_scan(kind, 2, t, 80, dtype, seed=11 + t + lanes, views=True)
+        assert_within_bounds(errs, dtype, f"{kind} T={t} lanes={lanes} {dtype}: ")
 
 
 @needs_gpu
