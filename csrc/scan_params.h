@@ -19,7 +19,9 @@ namespace selective_scan {
 
 constexpr int kStateSize = 16;     // N: the only state size with kernels
 constexpr int kTile = 16;          // time steps staged per tile
-constexpr int kBwdMaxChunk = 256;  // the backward keeps one checkpoint per tile of a chunk in shared memory
+// The backward keeps one checkpoint per tile of its chunk in shared memory; 7 tiles (14 KB) leave room
+// for 4 blocks per SM, which its launch bounds (at most 128 registers) also allow.
+constexpr int kBwdMaxChunk = 112;
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 

@@ -549,8 +549,10 @@ __device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane
   return sum + __shfl_xor_sync(0xffffffffu, sum, 1);
 }
 
+// 4 blocks per SM (at most 128 registers, a few bytes spilled): measured 7% (Longhorn) and 1% (Mamba) faster
+// than 3 blocks with 159-168 registers (docs/benchmarks.md).
 template <class Tr, typename T, bool kXRun>
-__global__ void __launch_bounds__(kThreads) bwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
   using L = Layout<kBwdLanes>;
   static_assert(L::kCh == 32 && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
   constexpr int NS = L::kNS;

@@ -35,7 +35,7 @@ CSRC = Path(__file__).resolve().parents[2] / "csrc"
 SOURCES = ("binding.cpp", "combine.cu", "longhorn_fwd.cu", "longhorn_bwd.cu", "mamba_fwd.cu", "mamba_bwd.cu")
 HEADERS = ("scan_params.h", "selective_scan.cuh")
 LONGHORN, MAMBA = 0, 1
-STATE_SIZE, TILE, BWD_MAX_CHUNK = 16, 16, 256
+STATE_SIZE, TILE, BWD_MAX_CHUNK = 16, 16, 112  # BWD_MAX_CHUNK: kBwdMaxChunk in csrc/scan_params.h
 
 # Launch shape. fwd_lanes: threads sharing one channel's 16 states in the forward (2 or 4).
 # fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
