@@ -8,7 +8,6 @@ settings (``plugins.selective_scan.cuda.TUNING``).
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator
 
 import torch
@@ -64,7 +63,9 @@ def sweep(b: int, t: int) -> Iterator[str]:
 
     saved = dict(ss.TUNING)
     try:
-        for lanes, fwd_blocks, bwd_blocks in itertools.product((2, 4), (1.0, 4.0), (3.0,)):
+        settings = [(4, fwd_blocks, 3.0) for fwd_blocks in (1.0, 2.0, 4.0, 8.0, 16.0)]
+        settings += [(2, fwd_blocks, 3.0) for fwd_blocks in (2.0, 8.0)]
+        for lanes, fwd_blocks, bwd_blocks in settings:
             ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
             chunks = ss.chunk_lengths(b, t, CHANNELS)
             yield f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} chunks {chunks}"
