@@ -214,5 +214,22 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _exit_after_distributed_run(code: int) -> None:
+    """Ends a process of a multi-process run without interpreter finalization.
+
+    With gloo, a worker thread of a process group may still be releasing the last collective's
+    tensors when the main thread returns; if the interpreter is finalizing by then, that thread
+    cannot take the GIL, is terminated, and the process aborts (SIGABRT, "terminate called without
+    an active exception") after a successful run. Everything the run writes is closed by now
+    (checkpoints, metrics), so the process flushes its streams and exits at once.
+    """
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    status = main()
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed_run(status)
+    sys.exit(status)
