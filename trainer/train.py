@@ -220,8 +220,9 @@ def _exit_after_distributed_run(code: int) -> None:
     With gloo, a worker thread of a process group may still be releasing the last collective's
     tensors when the main thread returns; if the interpreter is finalizing by then, that thread
     cannot take the GIL, is terminated, and the process aborts (SIGABRT, "terminate called without
-    an active exception") after a successful run. Everything the run writes is closed by now
-    (checkpoints, metrics), so the process flushes its streams and exits at once.
+    an active exception") after a successful run. After a successful run everything it writes is
+    closed (checkpoints, metrics), so the process flushes its streams and exits at once. A failed
+    run exits normally, so that finalizers still flush what it left open.
     """
     sys.stdout.flush()
     sys.stderr.flush()
@@ -230,6 +231,6 @@ def _exit_after_distributed_run(code: int) -> None:
 
 if __name__ == "__main__":
     status = main()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
         _exit_after_distributed_run(status)
     sys.exit(status)
