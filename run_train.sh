@@ -4,7 +4,7 @@
 #   ./run_train.sh [CONFIG.toml] [--section.key value ...]
 #
 # CONFIG defaults to train_configs/debug_longhorn.toml; every further argument is a
-# config override passed to `python -m trainer.train`. Environment variables:
+# config override passed to `python -m longhorn_zoo.train`. Environment variables:
 #
 #   NGPU           processes per node (default 1): one per GPU; with no GPU the run is
 #                  on CPU with gloo and NGPU is the number of CPU processes
@@ -45,4 +45,4 @@ fi
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 exec python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NGPU" "${RDZV[@]}" \
     --local-ranks-filter 0 --role rank --tee 3 \
-    -m trainer.train "$CONFIG_FILE" "$@"
+    -m longhorn_zoo.train "$CONFIG_FILE" "$@"

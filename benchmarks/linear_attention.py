@@ -116,7 +116,7 @@ def fla_op(variant: Variant) -> Callable[..., tuple[Tensor, Tensor]]:
 
 def sweep(variant: Variant, b: int, t: int) -> Iterator[str]:
     """Applies each (chunk, warps) setting of the Triton kernels in turn, yielding its label; restores the defaults."""
-    from plugins.linear_attention import triton_chunk_ops as ops
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops as ops
 
     chunk_attr = "CHUNK_PER_KEY" if variant.per_key else "CHUNK_PER_HEAD"
     saved = getattr(ops, chunk_attr), ops.NUM_WARPS_CHUNK

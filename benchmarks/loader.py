@@ -17,8 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-from trainer.data.shards import ShardLoader, ShardSet, ShardWriter
+from longhorn_zoo.data.shards import ShardLoader, ShardSet, ShardWriter
 
 
 def write_synthetic(folder: Path, tokens: int, vocab: int = 50304, eos: int = 50256, seed: int = 0) -> None:

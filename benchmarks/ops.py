@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
+from longhorn_zoo.ops import REFERENCE, ScanOp, set_backend_preference
 from torch import Tensor
-
-from trainer.ops import REFERENCE, ScanOp, set_backend_preference
 
 HBM_BYTES_PER_S = 4.24e12
 TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -49,7 +48,7 @@ class OpCase:
 
     Attributes:
         name: ``--ops`` name and row label.
-        op: The op: a :class:`~trainer.ops.ScanOp`, or a plain function for a comparison row (not checked).
+        op: The op: a :class:`~longhorn_zoo.ops.ScanOp`, or a plain function for a comparison row (not checked).
         inputs: ``inputs(B, T, dtype, generator, width) -> list`` of the op's arguments, on the generator's device.
         floor_bytes: ``floor_bytes(args) -> (forward, forward + backward)`` bytes the op moves at least.
         width: The width timed: channels (selective scans) or heads (attention).
@@ -80,11 +79,12 @@ class OpCase:
 
 def build_cases() -> list[OpCase]:
     """Every op: the selective scans, the three linear-attention mixers, causal SDPA."""
+    from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan
+    from longhorn_zoo.plugins.longhorn.ops import longhorn_scan
+    from longhorn_zoo.plugins.mamba.ops import mamba_scan
+
     from benchmarks import linear_attention as la
     from benchmarks import selective_scan as ss
-    from plugins.linear_attention.ops import linear_attn_scan
-    from plugins.longhorn.ops import longhorn_scan
-    from plugins.mamba.ops import mamba_scan
 
     scan = dict(
         width=ss.CHANNELS,

@@ -37,7 +37,7 @@ import sys
 import torch
 
 from benchmarks.ops import build_cases
-from trainer.ops import set_backend_preference
+from longhorn_zoo.ops import set_backend_preference
 
 B, T, WIDTH, WARMUP, STEPS = 4, 2048, 4096, 3, 5
 mode = sys.argv[1]
@@ -147,7 +147,7 @@ for values in rows:
 PY
 
 echo "== building the selective-scan extension (cached in ${LONGHORN_ZOO_BUILD_DIR:-~/.cache/longhorn_zoo/torch_extensions})"
-"$PY" -m plugins.selective_scan.cuda --build
+"$PY" -m longhorn_zoo.plugins.selective_scan.cuda --build
 
 NCU=${NCU:-$(command -v ncu || true)}
 for candidate in /usr/local/cuda/bin/ncu /opt/nvidia/nsight-compute/*/ncu; do

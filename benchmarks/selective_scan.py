@@ -3,7 +3,7 @@
 Longhorn and Mamba have CUDA kernels in ``csrc/``; both are timed at the channels and state size of
 a 1.3B model's layer (D_inner = 4096, N = 16). This module gives what :class:`benchmarks.ops.OpCase`
 needs for each: an input builder, the bytes the op must move and a sweep of the kernels' launch
-settings (``plugins.selective_scan.cuda.TUNING``).
+settings (``longhorn_zoo.plugins.selective_scan.cuda.TUNING``).
 """
 
 from __future__ import annotations
@@ -58,8 +58,8 @@ def floor_bytes(args: list) -> tuple[float, float]:
 
 
 def sweep(b: int, t: int) -> Iterator[str]:
-    """Applies each launch shape of plugins.selective_scan.cuda.TUNING in turn, yielding its label; restores it."""
-    from plugins.selective_scan import cuda as ss
+    """Applies each launch shape of the CUDA backend's TUNING in turn, yielding its label; restores it."""
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     saved = dict(ss.TUNING)
     try:

@@ -12,9 +12,9 @@ import argparse
 import os
 import sys
 
-from trainer.data.errors import DataError
-from trainer.data.prepare import prepare
-from trainer.data.sources import HUB_ALIASES, TextSource
+from longhorn_zoo.data.errors import DataError
+from longhorn_zoo.data.prepare import prepare
+from longhorn_zoo.data.sources import HUB_ALIASES, TextSource
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,11 +2,11 @@
 
 Each mixer trains (1) a byte-level language model of about 20M non-embedding parameters on the embedded
 corpus, with the same context, batch and steps (so the same tokens) for all, and (2) an MQAR model from
-``train_configs/mqar_<mixer>.toml`` with the same steps for all. Then ``trainer.eval`` measures validation
+``train_configs/mqar_<mixer>.toml`` with the same steps for all. Then ``longhorn_zoo.eval`` measures validation
 loss and perplexity at 1x-16x the training context (LM) and recall accuracy over pairs and lengths (MQAR),
 and the report turns ``<out>/results.json`` into markdown.
 
-Jobs are ``python -m trainer.train`` / ``python -m trainer.eval`` subprocesses run from the repository root,
+Jobs are ``python -m longhorn_zoo.train`` / ``python -m longhorn_zoo.eval`` subprocesses run from the repository root,
 ``--jobs-per-gpu`` at a time on each GPU (``CUDA_VISIBLE_DEVICES``), each logging to ``<out>/logs/``.
 Longhorn and Mamba wait for the selective-scan CUDA extension, built once at the start beside the other jobs.
 """
@@ -50,7 +50,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 PROBE = """
 import json, platform, torch
 from importlib import metadata
-from trainer.data.text import split_corpus
+from longhorn_zoo.data.text import split_corpus
 try:
     triton = metadata.version("triton")
 except metadata.PackageNotFoundError:
@@ -199,10 +199,10 @@ class Run:
         return f"{self.task}_{self.mixer}"
 
     def train_command(self) -> list[str]:
-        return [sys.executable, "-m", "trainer.train", *self.train_args]
+        return [sys.executable, "-m", "longhorn_zoo.train", *self.train_args]
 
     def eval_command(self, tokens: int) -> list[str]:
-        return [sys.executable, "-m", "trainer.eval", "--checkpoint", rel(self.dump), "--tokens", str(tokens),
+        return [sys.executable, "-m", "longhorn_zoo.eval", "--checkpoint", rel(self.dump), "--tokens", str(tokens),
                 "--out", rel(self.dump / "eval"), "--json", rel(self.dump / "eval" / "numbers.json")]
 
 
@@ -304,7 +304,7 @@ class Study:
         logs = self.s.out / "logs"
         jobs = []
         if self.s.gpus and any(r.mixer in SELECTIVE_SCAN for r in self.runs):
-            jobs.append(Job(BUILD, [sys.executable, "-m", "plugins.selective_scan.cuda", "--build"],
+            jobs.append(Job(BUILD, [sys.executable, "-m", "longhorn_zoo.plugins.selective_scan.cuda", "--build"],
                             logs / "build_selective_scan.log", uses_slot=False))
         build = (BUILD,) if jobs else ()
         for phase in phases:

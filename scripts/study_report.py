@@ -11,7 +11,7 @@ import datetime
 from pathlib import Path
 from typing import Any
 
-FACTORS = (1, 2, 4, 8, 16)  # trainer.eval.FACTORS, without importing torch here
+FACTORS = (1, 2, 4, 8, 16)  # longhorn_zoo.eval.FACTORS, without importing torch here
 
 
 def num(x: float | None, spec: str) -> str:
@@ -126,7 +126,7 @@ def header(meta: dict[str, Any], results: str) -> list[str]:
         f"{st.get('warmup')} warm-up steps, cosine to 10%, {'bf16 autocast' if gpus else 'fp32'}, seed 0.",
         f"- **MQAR**: `train_configs/mqar_<mixer>.toml` (each mixer's width and LR), {st.get('mqar_steps')} steps "
         "for every mixer.",
-        f"- **Evaluation** (`trainer.eval`, fp32): validation loss and perplexity on {st.get('eval_tokens', 0):,} "
+        f"- **Evaluation** (`longhorn_zoo.eval`, fp32): validation loss and perplexity on {st.get('eval_tokens', 0):,} "
         "tokens per length at 1x-16x the training context; MQAR recall accuracy on 4 batches per setting.",
         f"- Extra overrides: {', '.join(f'`{t}:{o}`' for t, o in st.get('set', [])) or 'none'}.",
     ]

@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
+from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_scan_reference
 
 from benchmarks import linear_attention as la
 from benchmarks import ops as bench
-from plugins.linear_attention.ops import linear_attn_scan, linear_attn_scan_reference
 
 
 def _tiny_width(case: bench.OpCase) -> int:
@@ -79,7 +79,7 @@ def test_nan_fails_the_check() -> None:
 
 def test_linear_attention_sweep_restores_the_launch_settings() -> None:
     pytest.importorskip("triton")
-    from plugins.linear_attention import triton_chunk_ops as ops
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops as ops
 
     case = next(c for c in bench.build_cases() if c.name == "retnet")
     before = ops.CHUNK_PER_HEAD, ops.NUM_WARPS_CHUNK

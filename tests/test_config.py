@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from trainer.config import ConfigError, load_config, parse_args, to_toml
-from trainer.tomlcompat import tomllib
+from longhorn_zoo.config import ConfigError, load_config, parse_args, to_toml
+from longhorn_zoo.tomlcompat import tomllib
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -75,7 +74,7 @@ def test_every_shipped_config_loads():
 
 
 def test_help_lists_every_option_with_its_doc():
-    out = subprocess.run([sys.executable, "-m", "trainer.train", "--help"], capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-m", "longhorn_zoo.train", "--help"], capture_output=True, text=True).stdout
     assert "--training.steps INT" in out and "Optimizer steps to train." in out
     assert "--lr_scheduler.decay_type STR {cosine|wsd|constant}" in out
 
@@ -97,7 +96,7 @@ def test_docs_configs_table_matches_the_configs():
     """Every row of docs/configs.md (layers x dim, context, parameters) is what the config builds."""
     import re
 
-    from trainer.model import build_model
+    from longhorn_zoo.model import build_model
 
     root = Path(__file__).resolve().parents[1]
     row = re.compile(r"\| `(\w+\.toml)` \| \w+ \| (\d+) x (\d+) \| (\d+) \| \w+ \| [^|]+\| ([\d,]+) \| ([\d,]+) \|")

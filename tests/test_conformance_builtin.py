@@ -1,7 +1,7 @@
 """The conformance suite on every built-in mixer, taken from the registry so new mixers are checked as they land."""
 
-from trainer.conformance import MixerConformance
-from trainer.plugins import get_registry
+from longhorn_zoo.conformance import MixerConformance
+from longhorn_zoo.registry import get_registry
 
 BUILTIN = [name for name, entry in sorted(get_registry().mixers.items()) if entry.source.dist == "longhorn-zoo"]
 

@@ -14,10 +14,9 @@ import textwrap
 from pathlib import Path
 
 import pytest
-
-from trainer.conformance import Conformance, ConformanceError, checks
-from trainer.conformance.distributed import distributed_problems
-from trainer.plugins import get_registry
+from longhorn_zoo.conformance import Conformance, ConformanceError, checks
+from longhorn_zoo.conformance.distributed import distributed_problems
+from longhorn_zoo.registry import get_registry
 
 BASE = '''
 from pathlib import Path
@@ -26,8 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from trainer.hookspecs import MixerSpec
-from trainer.ops import define_scan_op
+from longhorn_zoo.hookspecs import MixerSpec
+from longhorn_zoo.ops import define_scan_op
 
 DEFAULTS = Path(__file__).with_name("defaults.toml")
 
@@ -175,7 +174,7 @@ Mixer = Good
 OPS = (OP,)
 ''',
     "bad_backward": '''
-from trainer.ops import Backend
+from longhorn_zoo.ops import Backend
 
 def double(u: torch.Tensor) -> tuple[torch.Tensor]:
     return (2 * u,)
@@ -199,7 +198,7 @@ OPS = (OP,)
 }
 
 HOOK = '''
-from trainer.hookspecs import hookimpl
+from longhorn_zoo.hookspecs import hookimpl
 
 @hookimpl
 def longhorn_zoo_mixers():

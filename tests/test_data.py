@@ -21,14 +21,14 @@ import torch.distributed.checkpoint as dcp
 pytest.importorskip("datasets")
 tiktoken = pytest.importorskip("tiktoken")
 
-from trainer.config import JobConfig  # noqa: E402
-from trainer.data import DataError, build_dataloader, resolve_vocab_size  # noqa: E402
-from trainer.data.errors import DataUnavailableError  # noqa: E402
-from trainer.data.packing import PackedTextStream  # noqa: E402
-from trainer.data.prepare import prepare  # noqa: E402
-from trainer.data.shards import ShardLoader, ShardSet, ShardWriter, read_index  # noqa: E402
-from trainer.data.sources import TextSource  # noqa: E402
-from trainer.data.tokenizer import ByteTokenizer, TiktokenTokenizer, build_tokenizer  # noqa: E402
+from longhorn_zoo.config import JobConfig  # noqa: E402
+from longhorn_zoo.data import DataError, build_dataloader, resolve_vocab_size  # noqa: E402
+from longhorn_zoo.data.errors import DataUnavailableError  # noqa: E402
+from longhorn_zoo.data.packing import PackedTextStream  # noqa: E402
+from longhorn_zoo.data.prepare import prepare  # noqa: E402
+from longhorn_zoo.data.shards import ShardLoader, ShardSet, ShardWriter, read_index  # noqa: E402
+from longhorn_zoo.data.sources import TextSource  # noqa: E402
+from longhorn_zoo.data.tokenizer import ByteTokenizer, TiktokenTokenizer, build_tokenizer  # noqa: E402
 
 DOCS = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(60)]
 
@@ -240,7 +240,7 @@ def test_uncached_hub_dataset_or_encoding_fails_fast_offline(tmp_path: Path, mon
 
 
 def test_shards_feed_training_with_the_vocab_from_their_tokenizer(tmp_path: Path) -> None:
-    from trainer.train import main
+    from longhorn_zoo.train import main
 
     src = TextSource(str(write_jsonl(tmp_path / "c.jsonl", DOCS * 10)), val_docs=20)
     prepare(src, "bytes", tmp_path / "shards", shard_tokens=3000, progress=False)
@@ -254,9 +254,9 @@ def test_shards_feed_training_with_the_vocab_from_their_tokenizer(tmp_path: Path
 
 MEMORY_PROBE = textwrap.dedent("""
     import json, os, resource, sys
-    from trainer.data.packing import PackedTextStream
-    from trainer.data.sources import TextSource
-    from trainer.data.tokenizer import ByteTokenizer
+    from longhorn_zoo.data.packing import PackedTextStream
+    from longhorn_zoo.data.sources import TextSource
+    from longhorn_zoo.data.tokenizer import ByteTokenizer
 
     path, B, T = sys.argv[1], 8, 4096
     loader = PackedTextStream(TextSource(path, val_docs=0), "train", ByteTokenizer(), B, T)
@@ -285,7 +285,7 @@ def test_streaming_a_corpus_larger_than_the_memory_budget_stays_under_it(tmp_pat
 
 
 def test_mqar_layout_context_then_keys_only_queries():
-    from trainer.data.mqar import IGNORE, make_batch
+    from longhorn_zoo.data.mqar import IGNORE, make_batch
 
     pairs, seq_len, vocab = 6, 40, 64
     b = make_batch(64, seq_len, pairs, vocab, torch.Generator().manual_seed(0))

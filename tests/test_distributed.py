@@ -6,10 +6,9 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from longhorn_zoo.parallelize import ParallelizeError
+from longhorn_zoo.train import train
 from trainer_runs import losses, run, tiny_config
-
-from trainer.parallelize import ParallelizeError
-from trainer.train import train
 
 STEPS = 5
 

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from trainer import eval as evaluation
-from trainer import generate as generation
-from trainer.config import load_config
-from trainer.inference import load_trained
-from trainer.train import train
+from longhorn_zoo import eval as evaluation
+from longhorn_zoo import generate as generation
+from longhorn_zoo.config import load_config
+from longhorn_zoo.inference import load_trained
+from longhorn_zoo.train import train
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--training.local_batch_size", "4",
         "--training.seq_len", "16", "--training.steps", "4", "--checkpoint.enable", "true",
@@ -78,7 +77,7 @@ def test_mqar_sweep_reports_accuracy_per_pairs_and_length(tmp_path):
     cfg = load_config(None, ["--model.name", "llama", "--model.dim", "32", "--model.n_layers", "1",
                              "--model.vocab_size", "64", "--data.dataset", "mqar", "--data.mqar_num_kv_pairs", "4",
                              "--training.seq_len", "16", "--training.local_batch_size", "4"])
-    from trainer.model import build_model
+    from longhorn_zoo.model import build_model
 
     model = build_model(cfg.model, 16, "cpu")
     model.init_weights()

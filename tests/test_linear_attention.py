@@ -11,11 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.config import load_config
+from longhorn_zoo.model import build_model
+from longhorn_zoo.plugins.linear_attention.ops import CHUNK_PER_HEAD, CHUNK_PER_KEY, linear_attn_scan, linear_attn_step
 from torch import Tensor
-
-from plugins.linear_attention.ops import CHUNK_PER_HEAD, CHUNK_PER_KEY, linear_attn_scan, linear_attn_step
-from trainer.config import load_config
-from trainer.model import build_model
 
 VARIANTS = ("gla", "retnet", "rwkv")
 B, H, K, V = 2, 3, 8, 5
@@ -136,7 +135,7 @@ def test_output_dtype_follows_q_and_state_is_float32(dtype):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_opcheck(variant):
     """Schema, fake tensor, autograd registration and static tracing. Dynamic-shape tracing (~15 s) is left
-    to the conformance suite (``python -m trainer.conformance gla``), which runs the full opcheck."""
+    to the conformance suite (``python -m longhorn_zoo.conformance gla``), which runs the full opcheck."""
     seqlen = (CHUNK_PER_HEAD if variant == "retnet" else CHUNK_PER_KEY) + 3
     inputs = make_inputs(variant, seqlen, True, True, dtype=torch.float32)
     args = tuple(x.requires_grad_() if isinstance(x, Tensor) and x.is_floating_point() else x for x in inputs)
@@ -187,7 +186,7 @@ def test_mixer_forward_split_with_state_equals_one_pass(name, extra):
 def test_mixer_log_decay_is_bounded_for_the_chunked_kernels(name, extra):
     """An unbounded decay (RWKV's -exp(d) with a large d, GLA's logsigmoid of a very negative logit) is
     clamped at MIN_LOG_DECAY in the model, where the chunked kernels' factored weights stay finite."""
-    from plugins.linear_attention.layer import MIN_LOG_DECAY
+    from longhorn_zoo.plugins.linear_attention.layer import MIN_LOG_DECAY
 
     model = _tiny_model(name, extra)
     mixer = model.layers["0"].mixer

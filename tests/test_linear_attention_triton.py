@@ -15,14 +15,13 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.ops import define_scan_op
 from torch import Tensor
-
-from trainer.ops import define_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
 CUDA = torch.cuda.is_available()
-KERNELS = "plugins.linear_attention.triton_chunk_kernels"
+KERNELS = "longhorn_zoo.plugins.linear_attention.triton_chunk_kernels"
 
 if not CUDA and importlib.util.find_spec("triton") is not None and KERNELS not in sys.modules:
     # The interpreter is chosen when the kernels are decorated, so set it just for that import.
@@ -49,8 +48,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     if not _interpreted():
         pytest.skip("the Triton kernels were compiled for a GPU in this process")
     import triton.runtime.interpreter as interp
-
-    from plugins.linear_attention import triton_chunk_ops
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
 
     original = interp._patch_lang_tensor
 
@@ -123,7 +121,7 @@ def make_inputs(variant, B, T, H, K, V, dtype, device, h0=True, reset=True, stro
 
 def check(inputs, tol_out, tol_grad, final_grad=True):
     """Compare the Triton forward and backward against the float64 naive loop; return the errors."""
-    from plugins.linear_attention.triton_chunk import TRITON_BACKEND
+    from longhorn_zoo.plugins.linear_attention.triton_chunk import TRITON_BACKEND
 
     q, k, v, g, u, scale, s0, rs = inputs
     ref_in = [None if x is None else x.detach().double().requires_grad_() for x in (q, k, v, g, u, s0)]
@@ -180,7 +178,7 @@ def test_interpreter_uneven_key_and_value_sizes(interpreter):
 
 def test_interpreter_strong_decay(interpreter, monkeypatch):
     """Log decays of -4 to -5 a step with the real chunk size: the factored pair weights stay finite."""
-    from plugins.linear_attention import triton_chunk_ops
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
 
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 32)
     check(make_inputs("rwkv", 1, 70, 2, 16, 16, torch.float64, "cpu", strong_decay=True), 1e-5, 1e-4)
@@ -191,7 +189,7 @@ def test_interpreter_float32_inputs(interpreter):
 
 
 def test_register_triton_backend_adds_a_cuda_backend():
-    from plugins.linear_attention.triton_chunk import register_triton_backend
+    from longhorn_zoo.plugins.linear_attention.triton_chunk import register_triton_backend
 
     op = define_scan_op("longhorn_zoo_test::linear_attn_register", naive_scan, _naive_fake)
     register_triton_backend(op)
@@ -208,7 +206,7 @@ REAL = {"gla": (2, 1000, 4, 128, 128), "retnet": (2, 1000, 4, 128, 128), "rwkv":
 @pytest.mark.parametrize("chunk", [32, 64])
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_gpu_bf16_matches_naive(variant, chunk, monkeypatch):
-    from plugins.linear_attention import triton_chunk_ops
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
 
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", chunk)
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", chunk)
@@ -226,7 +224,7 @@ def test_gpu_float32_matches_naive(variant):
 @gpu
 def test_gpu_compiled_scan_op_fullgraph():
     """Through a scan op with the backend registered, compiled with fullgraph=True, fwd and bwd."""
-    from plugins.linear_attention.triton_chunk import register_triton_backend
+    from longhorn_zoo.plugins.linear_attention.triton_chunk import register_triton_backend
 
     op = define_scan_op("longhorn_zoo_test::linear_attn_compiled", naive_scan, _naive_fake)
     register_triton_backend(op)

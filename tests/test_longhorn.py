@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-
-from plugins.longhorn.ops import longhorn_scan, longhorn_step
-from trainer.config import load_config
-from trainer.model import build_model
+from longhorn_zoo.config import load_config
+from longhorn_zoo.model import build_model
+from longhorn_zoo.plugins.longhorn.ops import longhorn_scan, longhorn_step
 
 
 def naive_longhorn(x, dt, k, q, D, z, h0, reset):

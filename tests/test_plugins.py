@@ -6,13 +6,12 @@ import subprocess
 import sys
 
 import pytest
-
-from trainer.plugins import PluginError, build_registry
+from longhorn_zoo.registry import PluginError, build_registry
 
 GOOD = """
 from pathlib import Path
 from torch import nn
-from trainer.hookspecs import MixerSpec, hookimpl
+from longhorn_zoo.hookspecs import MixerSpec, hookimpl
 
 DEFAULTS = Path(__file__).with_name("{name}_defaults.toml")
 DEFAULTS.write_text("mlp = true\\n[mixer]\\nwidth = 2\\n")
@@ -59,7 +58,7 @@ def test_broken_import_is_reported_by_name_and_others_stay_usable(install_plugin
 
 
 def test_invalid_spec_is_reported(install_plugin):
-    src = "from trainer.hookspecs import hookimpl\n@hookimpl\ndef longhorn_zoo_mixers():\n    return ['not a spec']\n"
+    src = "from longhorn_zoo import hookimpl\n@hookimpl\ndef longhorn_zoo_mixers():\n    return ['not a spec']\n"
     install_plugin("lz-bad", {"bad": src})
     reg = build_registry()
     assert any("lz-bad" in e and "invalid spec" in e and "MixerSpec" in e for e in reg.errors)
@@ -88,7 +87,8 @@ def test_unknown_mixer_suggests_a_close_match():
 
 
 def test_listing_command_prints_every_mixer_with_backends():
-    out = subprocess.run([sys.executable, "-m", "trainer.plugins"], capture_output=True, text=True, check=True).stdout
+    cmd = [sys.executable, "-m", "longhorn_zoo.registry"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     lines = {line.split()[0]: line for line in out.splitlines()[1:]}
     assert "longhorn" in lines and "llama" in lines
     assert "longhorn-zoo" in lines["longhorn"] and "cpu-reference" in lines["longhorn"]

@@ -11,10 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from longhorn_zoo.plugins.longhorn.ops import longhorn_scan_reference
+from longhorn_zoo.plugins.mamba.ops import mamba_scan_reference
 from torch import Tensor
-
-from plugins.longhorn.ops import longhorn_scan_reference
-from plugins.mamba.ops import mamba_scan_reference
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -116,7 +115,7 @@ def check_scan(kind: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int,
                with_state: bool = True, with_reset: bool = True, views: bool = False) -> dict[str, float]:  # fmt: skip
     """Runs the CUDA kernels and the float64 reference on the same (rounded) inputs; returns relative errors.
     views: pass x and z as strided views (see _as_block_views)."""
-    from plugins.selective_scan import cuda as ss
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
     make = _longhorn_inputs if kind == "longhorn" else _mamba_inputs
@@ -198,7 +197,7 @@ def test_scan_without_gate_state_or_reset(kind: str) -> None:
 def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """No time chunks in the forward (its launch at large B * C): it walks all of T from the initial
     state; the backward takes its longest chunks."""
-    from plugins.selective_scan import cuda as ss
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)
     monkeypatch.setitem(ss.TUNING, "fwd_blocks_per_sm", 1e-3)
@@ -216,7 +215,7 @@ def test_scan_reads_strided_views(kind: str, lanes: int, t: int, monkeypatch: py
     """x transposed and z a slice, as the block passes them: read through their strides, no copy.
     The transposed x is read along time: T = 344 (a multiple of 8, not of the tile) takes the
     vector loads and a partial last tile, T = 333 the element-wise fallback."""
-    from plugins.selective_scan import cuda as ss
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)
     for dtype in (torch.float32, torch.bfloat16):
@@ -226,7 +225,7 @@ def test_scan_reads_strided_views(kind: str, lanes: int, t: int, monkeypatch: py
 
 @needs_gpu
 def test_longhorn_op_uses_cuda_backend_under_compile() -> None:
-    from plugins.longhorn.ops import longhorn_scan
+    from longhorn_zoo.plugins.longhorn.ops import longhorn_scan
 
     assert longhorn_scan.select_backend("cuda") is not None
     gen = torch.Generator(device="cuda").manual_seed(3)
@@ -243,9 +242,8 @@ def test_backward_fakes_are_contiguous_for_strided_inputs(kind: str) -> None:
     """The extension returns contiguous gradients; the fakes must say so even when the block passes
     strided views (x, dt and z are slices of wider projections), or compiled graphs fail their
     stride asserts at run time. Runs on CPU: only the fake implementations are exercised."""
+    import longhorn_zoo.plugins.selective_scan.cuda  # noqa: F401  registers the backward ops
     from torch._subclasses.fake_tensor import FakeTensorMode
-
-    import plugins.selective_scan.cuda  # noqa: F401  registers the backward ops
 
     b, t, c, n = 2, 5, 6, 16
     with FakeTensorMode():

@@ -43,13 +43,13 @@ def test_dry_run_plans_equal_budgets_and_builds_the_extension_first(tmp_path):
     proc = run_study("all", "--dry-run", "--gpus", "0,1", "--out", str(tmp_path / "study"))
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
-    assert lines[0] == "python -m plugins.selective_scan.cuda --build"
+    assert lines[0] == "python -m longhorn_zoo.plugins.selective_scan.cuda --build"
     lm = {line.split("--model.name ")[1].split()[0]: line for line in lines if "--data.dataset bytes" in line}
     assert sorted(lm) == sorted(study.MIXERS)
     for mixer, line in lm.items():
         assert "--training.steps 1500 " in line and "--training.seq_len 512 " in line
         assert f"--model.n_layers {24 if mixer in ('longhorn', 'mamba') else 12} " in line
-    assert sum("trainer.eval" in line for line in lines) == 12
+    assert sum("longhorn_zoo.eval" in line for line in lines) == 12
     assert not (tmp_path / "study").exists()
 
 
@@ -71,7 +71,7 @@ def test_tiny_study_trains_evaluates_and_reports_each_mixer(tmp_path):
     rows = [line for line in text.splitlines() if line.startswith(("| llama |", "| longhorn |"))]
     assert len(rows) == 4 and all(line.endswith("| ok |") for line in rows)
     assert "| llama | 2 x 32 |" in text and "| longhorn | 4 x 32 |" in text  # twice the blocks, no MLP
-    assert "python scripts/study.py all --tiny" in text and "python -m trainer.eval" in text
+    assert "python scripts/study.py all --tiny" in text and "python -m longhorn_zoo.eval" in text
 
 
 def test_a_failed_job_is_reported_with_its_log_and_the_others_go_on(tmp_path):

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from trainer.config import load_config
-from trainer.model import LM
-from trainer.optim import lr_factor
-from trainer.train import TrainingError, train
+from longhorn_zoo.config import load_config
+from longhorn_zoo.model import LM
+from longhorn_zoo.optim import lr_factor
+from longhorn_zoo.train import TrainingError, train
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--training.local_batch_size", "8",
         "--training.seq_len", "32", "--metrics.log_freq", "5", "--lr_scheduler.warmup_steps", "3"]
@@ -55,9 +54,9 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path, monkeypatch):
     def loader_of(batches):
         return lambda *a, **k: Fixed(batches)
 
-    monkeypatch.setattr("trainer.train.build_dataloader", loader_of([whole]))
+    monkeypatch.setattr("longhorn_zoo.train.build_dataloader", loader_of([whole]))
     big = train(tiny(tmp_path / "big", "--training.steps", "3", "--training.local_batch_size", "8"))
-    monkeypatch.setattr("trainer.train.build_dataloader", loader_of(halves))
+    monkeypatch.setattr("longhorn_zoo.train.build_dataloader", loader_of(halves))
     acc = train(tiny(tmp_path / "acc", "--training.steps", "3", "--training.local_batch_size", "4",
                      "--training.global_batch_size", "8"))
     assert acc["grad_norm"] == pytest.approx(big["grad_norm"], rel=1e-4)
@@ -96,7 +95,7 @@ def test_schedules_warm_up_then_decay_to_the_floor():
 def test_tied_embeddings_stay_tied_after_materialising_from_meta():
     """Module.to_empty replaces each module's Parameter, so a meta-built model with tied embeddings
     came out with an LM head that was never initialised; LM.to_empty ties them again."""
-    from trainer.model import build_model
+    from longhorn_zoo.model import build_model
 
     cfg = load_config(None, ["--model.name", "llama", "--model.dim", "32", "--model.n_layers", "1",
                              "--model.tie_embeddings", "true"])

@@ -1,5 +1,5 @@
 """Launch tiny training runs for the distributed and checkpoint tests: in-process, or as
-``python -m trainer.train`` / ``torchrun`` subprocesses (CPU, gloo)."""
+``python -m longhorn_zoo.train`` / ``torchrun`` subprocesses (CPU, gloo)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from trainer.config import JobConfig, load_config
+from longhorn_zoo.config import JobConfig, load_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -28,7 +28,7 @@ def command(dump: Path, *overrides: str, nproc: int = 1) -> list[str]:
     launcher = [sys.executable]
     if nproc > 1:
         launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-    return [*launcher, "-m", "trainer.train", *TINY, "--job.dump_folder", str(dump), *overrides]
+    return [*launcher, "-m", "longhorn_zoo.train", *TINY, "--job.dump_folder", str(dump), *overrides]
 
 
 def env() -> dict[str, str]:

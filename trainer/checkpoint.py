@@ -21,7 +21,7 @@ exception is ``step-0``, a seed checkpoint (``checkpoint.create_seed_checkpoint`
 model weights only, so runs of any rank count start from identical weights.
 
 Works with or without a process group (a single CPU process too).
-``python -m trainer.checkpoint export --checkpoint DIR --out model.pt`` writes the
+``python -m longhorn_zoo.checkpoint export --checkpoint DIR --out model.pt`` writes the
 model weights as a plain ``torch.save`` state dict, loadable with
 ``torch.load(path, weights_only=True)``.
 """
@@ -43,6 +43,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from longhorn_zoo.config import JobConfig
 from torch import nn
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
@@ -53,8 +54,6 @@ from torch.distributed.checkpoint.state_dict import (
     set_model_state_dict,
     set_optimizer_state_dict,
 )
-
-from trainer.config import JobConfig
 
 MANIFEST = "manifest.json"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -332,7 +331,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "float32") -> Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m trainer.checkpoint", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m longhorn_zoo.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write a DCP checkpoint's model weights as a torch.save state dict")
     exp.add_argument("--checkpoint", type=Path, required=True, help="a step-N folder or the checkpoint folder")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
-from trainer.tomlcompat import tomllib
+from longhorn_zoo.tomlcompat import tomllib
 
 
 class ConfigError(ValueError):
@@ -43,7 +43,7 @@ class Job:
 
 @dataclass
 class Model:
-    name: str = opt("longhorn", "Mixer plugin name (see `python -m trainer.plugins`).")
+    name: str = opt("longhorn", "Mixer plugin name (see `python -m longhorn_zoo.registry`).")
     dim: int = opt(256, "Model width D.")
     n_layers: int = opt(4, "Number of residual blocks.")
     vocab_size: int = opt(256, "Vocabulary size; at least the data's (tokenizers pad theirs to a multiple of "
@@ -319,7 +319,7 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
 
 def _plugin_defaults(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """The mixer plugin's ``[model]`` defaults and its ``[mixer]`` option table."""
-    from trainer.plugins import PluginError, get_registry
+    from longhorn_zoo.registry import PluginError, get_registry
 
     try:
         entry = get_registry().get(name)
@@ -418,7 +418,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print("usage: python -m trainer.train [CONFIG.toml] [--print-config] [--section.key VALUE ...]\n\n"
+        print("usage: python -m longhorn_zoo.train [CONFIG.toml] [--print-config] [--section.key VALUE ...]\n\n"
               "Trains a causal LM whose sequence mixer comes from a plugin. Options, by TOML section:\n")
         print(help_text())
         raise SystemExit(0)

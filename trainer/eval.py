@@ -1,4 +1,4 @@
-"""Evaluation of a trained model: ``python -m trainer.eval --checkpoint DIR``.
+"""Evaluation of a trained model: ``python -m longhorn_zoo.eval --checkpoint DIR``.
 
 * Validation loss and perplexity on the held-out split.
 * Length extrapolation: loss and perplexity at 1x, 2x, 4x, 8x and 16x the training
@@ -22,12 +22,11 @@ import sys
 from pathlib import Path
 
 import torch
-
-from trainer.config import JobConfig
-from trainer.data import build_dataloader
-from trainer.data.mqar import make_batch
-from trainer.model import LM
-from trainer.train import loss_and_accuracy
+from longhorn_zoo.config import JobConfig
+from longhorn_zoo.data import build_dataloader
+from longhorn_zoo.data.mqar import make_batch
+from longhorn_zoo.model import LM
+from longhorn_zoo.train import loss_and_accuracy
 
 FACTORS = (1, 2, 4, 8, 16)
 
@@ -95,9 +94,9 @@ def plot(rows: list[tuple[int, float]], path: Path, title: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.inference import add_checkpoint_args, load_from_args
+    from longhorn_zoo.inference import add_checkpoint_args, load_from_args
 
-    p = argparse.ArgumentParser(prog="python -m trainer.eval", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m longhorn_zoo.eval", description=__doc__.splitlines()[0])
     add_checkpoint_args(p)
     p.add_argument("--tokens", type=int, default=16384, help="validation tokens per evaluated length")
     p.add_argument("--out", type=Path, help="folder for the plot and TensorBoard events (default: the dump folder)")

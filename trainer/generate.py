@@ -1,4 +1,4 @@
-"""Text generation: ``python -m trainer.generate --checkpoint DIR --prompt TEXT``.
+"""Text generation: ``python -m longhorn_zoo.generate --checkpoint DIR --prompt TEXT``.
 
 The prompt is prefilled with the parallel (full-sequence) form, which returns every
 layer's state; then tokens are decoded one at a time with the mixers' recurrent
@@ -14,10 +14,9 @@ import time
 from collections.abc import Callable
 
 import torch
+from longhorn_zoo.config import JobConfig
+from longhorn_zoo.model import LM
 from torch import Tensor
-
-from trainer.config import JobConfig
-from trainer.model import LM
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None) -> Tensor:
@@ -62,7 +61,7 @@ def generate(model: LM, prompt: Tensor, max_new_tokens: int, temperature: float 
 
 def text_codec(cfg: JobConfig) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
     """Encode and decode functions for the run's tokenizer (bytes for the embedded corpus)."""
-    from trainer.data.tokenizer import ByteTokenizer, build_tokenizer
+    from longhorn_zoo.data.tokenizer import ByteTokenizer, build_tokenizer
 
     tok = ByteTokenizer() if cfg.data.dataset == "bytes" else build_tokenizer(cfg.data.tokenizer)
     if isinstance(tok, ByteTokenizer):
@@ -71,9 +70,9 @@ def text_codec(cfg: JobConfig) -> tuple[Callable[[str], list[int]], Callable[[li
 
 
 def main(argv: list[str] | None = None) -> int:
-    from trainer.inference import add_checkpoint_args, load_from_args
+    from longhorn_zoo.inference import add_checkpoint_args, load_from_args
 
-    p = argparse.ArgumentParser(prog="python -m trainer.generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m longhorn_zoo.generate", description=__doc__.splitlines()[0])
     add_checkpoint_args(p)
     p.add_argument("--prompt", default="def ", help="prompt text")
     p.add_argument("--max-new-tokens", type=int, default=200)

@@ -9,7 +9,7 @@ implements the hooks below with the :data:`hookimpl` marker::
     my_mixer = "my_package.plugin"
 
     # my_package/plugin.py
-    from trainer.hookspecs import MixerSpec, hookimpl
+    from longhorn_zoo import MixerSpec, hookimpl
 
     @hookimpl
     def longhorn_zoo_mixers() -> list[MixerSpec]:
@@ -48,9 +48,8 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
+from longhorn_zoo.ops import ScanOp
 from torch import nn
-
-from trainer.ops import ScanOp
 
 PROJECT = "longhorn_zoo"
 ENTRY_POINT_GROUP = "longhorn_zoo.mixers"
@@ -91,7 +90,7 @@ class MixerSpec:
             its ``[mixer]`` table declares every mixer option with its default
             value, whose type is the option's type. A user config overrides only
             what it changes.
-        ops: The scan ops of this mixer (see :mod:`trainer.ops`); listed with their
+        ops: The scan ops of this mixer (see :mod:`longhorn_zoo.ops`); listed with their
             available backends and checked by the conformance suite, which runs
             gradcheck and opcheck on each op's ``example_inputs``.
         flops_per_token: Optional ``(MixerArgs, seq_len) -> float``: forward FLOPs

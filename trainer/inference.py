@@ -13,10 +13,9 @@ import sys
 from pathlib import Path
 
 import torch
-
-from trainer.checkpoint import CheckpointError, read_model_weights
-from trainer.config import ConfigError, JobConfig, load_config
-from trainer.model import LM, build_model
+from longhorn_zoo.checkpoint import CheckpointError, read_model_weights
+from longhorn_zoo.config import ConfigError, JobConfig, load_config
+from longhorn_zoo.model import LM, build_model
 
 
 def find_config(path: Path) -> Path:

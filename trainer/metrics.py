@@ -19,7 +19,7 @@ in ``<dump_folder>/metrics.jsonl`` with ``metrics.enable_jsonl``, plus ``step``)
 ``time/data_s``             seconds spent waiting for data over the interval
 ==========================  =====================================================
 
-Forward FLOPs per token come from :func:`trainer.model.flops_per_token`, which asks
+Forward FLOPs per token come from :func:`longhorn_zoo.model.flops_per_token`, which asks
 each mixer plugin for its count (attention's T-dependent term, a scan's state
 updates), so MFU means the same thing for every mixer.
 """

@@ -1,7 +1,7 @@
 """The generic causal language model: embedding, N pre-norm blocks, final norm, LM head.
 
 Each block is ``x + mixer(norm(x))``, followed by ``x + mlp(norm(x))`` when the
-model has an MLP (SwiGLU). The mixer comes from a plugin (:mod:`trainer.hookspecs`).
+model has an MLP (SwiGLU). The mixer comes from a plugin (:mod:`longhorn_zoo.hookspecs`).
 Build the model on the meta device and call :meth:`LM.init_weights` after
 ``to_empty`` so that FSDP can shard it before any memory is touched.
 """
@@ -14,10 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.config import Model as ModelConfig
+from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
 from torch import Tensor, nn
-
-from trainer.config import Model as ModelConfig
-from trainer.hookspecs import MixerArgs, MixerSpec
 
 
 @dataclass(frozen=True)
@@ -167,7 +166,7 @@ class LM(nn.Module):
 
 def build_model(cfg: ModelConfig, max_seq_len: int, device: torch.device | str = "meta") -> LM:
     """Build the LM for ``cfg`` on ``device`` (meta by default, uninitialised)."""
-    from trainer.plugins import get_registry
+    from longhorn_zoo.registry import get_registry
 
     spec = get_registry().get(cfg.name).spec
     with torch.device(device):

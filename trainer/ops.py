@@ -13,7 +13,7 @@ that
 * can take fast backends later (:meth:`ScanOp.register_backend`), for example a
   CUDA extension or Triton kernels, without changing any caller;
 * carries tiny example inputs (``example_inputs``) on which the conformance suite
-  (:mod:`trainer.conformance`) runs gradcheck and ``torch.library.opcheck``.
+  (:mod:`longhorn_zoo.conformance`) runs gradcheck and ``torch.library.opcheck``.
 
 Which backend runs is chosen per call from the device of the first tensor
 argument and the process-wide preference set by :func:`set_backend_preference`
@@ -74,7 +74,7 @@ class Backend:
     """A fast implementation of a scan op for one device type.
 
     Attributes:
-        name: Short name shown by ``python -m trainer.plugins``, e.g. ``"cuda"``
+        name: Short name shown by ``python -m longhorn_zoo.registry``, e.g. ``"cuda"``
             or ``"triton"``.
         device_type: The device type it runs on, e.g. ``"cuda"``.
         is_available: Returns True when the backend can run in this process

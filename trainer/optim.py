@@ -5,17 +5,16 @@ from __future__ import annotations
 import math
 
 import torch
+from longhorn_zoo.config import LRScheduler as LRConfig
+from longhorn_zoo.config import Optimizer as OptimizerConfig
 from torch import nn
-
-from trainer.config import LRScheduler as LRConfig
-from trainer.config import Optimizer as OptimizerConfig
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on parameters of two or more dimensions only (not norms, biases, D).
 
     A module opts its own parameters out of weight decay by naming them in a
-    ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``); see :mod:`trainer.hookspecs`.
+    ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``); see :mod:`longhorn_zoo.hookspecs`.
     """
     exempt = {id(mod.get_parameter(name)) for mod in model.modules() for name in getattr(mod, "no_weight_decay", ())}
     decay, no_decay = [], []

@@ -18,7 +18,7 @@ model, before its weights exist, it applies in this order:
    ``data_parallel_replicate_degree`` > 1 the mesh is 2-D (replicate x shard),
    which is HSDP: shard inside a node, replicate across nodes.
 
-Checkpoint keys do not depend on these wrappers: :mod:`trainer.checkpoint` goes
+Checkpoint keys do not depend on these wrappers: :mod:`longhorn_zoo.checkpoint` goes
 through ``torch.distributed.checkpoint.state_dict``, which strips the
 ``_orig_mod`` and ``_checkpoint_wrapped_module`` prefixes.
 """
@@ -26,10 +26,9 @@ through ``torch.distributed.checkpoint.state_dict``, which strips the
 from __future__ import annotations
 
 import torch
+from longhorn_zoo.config import ActivationCheckpoint, Float8, JobConfig
+from longhorn_zoo.model import LM
 from torch import nn
-
-from trainer.config import ActivationCheckpoint, Float8, JobConfig
-from trainer.model import LM
 
 
 class ParallelizeError(ValueError):

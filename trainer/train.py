@@ -1,10 +1,10 @@
-"""The training entry point: ``python -m trainer.train [CONFIG.toml] [--section.key value ...]``.
+"""The training entry point: ``python -m longhorn_zoo.train [CONFIG.toml] [--section.key value ...]``.
 
-One batch's path: the loader yields ``inputs``/``labels`` (trainer.data) -> the LM
-(trainer.model, mixers from plugins) under autocast -> cross-entropy on scored
+One batch's path: the loader yields ``inputs``/``labels`` (longhorn_zoo.data) -> the LM
+(longhorn_zoo.model, mixers from plugins) under autocast -> cross-entropy on scored
 labels -> backward, accumulated over micro-batches up to the global batch ->
-clip -> AdamW step and LR schedule (trainer.optim) -> metrics (trainer.metrics) ->
-checkpoint on interval, last step or SIGTERM (trainer.checkpoint, which also resumes).
+clip -> AdamW step and LR schedule (longhorn_zoo.optim) -> metrics (longhorn_zoo.metrics) ->
+checkpoint on interval, last step or SIGTERM (longhorn_zoo.checkpoint, which also resumes).
 """
 
 from __future__ import annotations
@@ -20,15 +20,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-
-from trainer.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
-from trainer.config import ConfigError, JobConfig, parse_args, to_toml
-from trainer.data import IGNORE, build_dataloader, resolve_vocab_size
-from trainer.metrics import MetricsLogger
-from trainer.model import LM, build_model, flops_per_token
-from trainer.ops import set_backend_preference
-from trainer.optim import build_lr_scheduler, build_optimizer
-from trainer.parallelize import parallelize
+from longhorn_zoo.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
+from longhorn_zoo.config import ConfigError, JobConfig, parse_args, to_toml
+from longhorn_zoo.data import IGNORE, build_dataloader, resolve_vocab_size
+from longhorn_zoo.metrics import MetricsLogger
+from longhorn_zoo.model import LM, build_model, flops_per_token
+from longhorn_zoo.ops import set_backend_preference
+from longhorn_zoo.optim import build_lr_scheduler, build_optimizer
+from longhorn_zoo.parallelize import parallelize
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM, the MFU denominator
 
@@ -155,7 +154,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
     loader = build_dataloader(cfg, rank, world_size)
     accum = grad_accum_steps(cfg, world_size)
     dump = Path(cfg.job.dump_folder)
-    if rank == 0:  # the resolved config, for resuming by hand and for trainer.eval / trainer.generate
+    if rank == 0:  # the resolved config, for resuming by hand and for longhorn_zoo.eval / longhorn_zoo.generate
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
     ckpt = CheckpointManager(cfg, model, optimizer, scheduler, loader, rank, device)

@@ -16,10 +16,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay, expanded_dims
 from torch import Tensor, nn
-
-from plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay, expanded_dims
-from trainer.hookspecs import MixerArgs
 
 
 class GLA(LinearAttention):

@@ -27,10 +27,9 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
 from torch import Tensor, nn
-
-from plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
-from trainer.hookspecs import MixerArgs
 
 
 class Features(NamedTuple):

@@ -1,14 +1,14 @@
 """Triton backend of the linear-attention scan (GLA, RetNet, RWKV-6).
 
 ``register_triton_backend(op)`` adds a ``"triton"`` backend for CUDA to the
-linear-attention :class:`~trainer.ops.ScanOp`. It runs the chunked form of
+linear-attention :class:`~longhorn_zoo.ops.ScanOp`. It runs the chunked form of
 
     S_t = diag(exp(g_t)) S_{t-1} + k_t v_t^T,   o_t = scale q_t^T S_t                  (GLA, RetNet)
     o_t = scale q_t^T (S_{t-1} + diag(u) k_t v_t^T),   S_t as above                     (RWKV-6)
 
-with the kernels of :mod:`~plugins.linear_attention.triton_chunk_kernels` (matrix
+with the kernels of :mod:`~longhorn_zoo.plugins.linear_attention.triton_chunk_kernels` (matrix
 products inside a chunk, a recurrence across chunks, fp32 accumulation), wrapped as
-``torch.library.triton_op`` custom ops in :mod:`~plugins.linear_attention.triton_chunk_ops`,
+``torch.library.triton_op`` custom ops in :mod:`~longhorn_zoo.plugins.linear_attention.triton_chunk_ops`,
 so ``torch.compile(fullgraph=True)`` traces forward and backward with no graph break.
 Triton is imported when the backend first runs: the trainer runs without it.
 
@@ -26,9 +26,8 @@ import importlib.util
 from typing import Any
 
 import torch
+from longhorn_zoo.ops import Backend, ScanOp
 from torch import Tensor
-
-from trainer.ops import Backend, ScanOp
 
 __all__ = ["TRITON_BACKEND", "register_triton_backend", "triton_available"]
 
@@ -52,7 +51,7 @@ def _forward(
     reset: Tensor | None,
 ) -> tuple[Tensor, Tensor]:
     """The backend's forward: the reference's signature and outputs."""
-    from plugins.linear_attention.triton_chunk_ops import chunk_fwd
+    from longhorn_zoo.plugins.linear_attention.triton_chunk_ops import chunk_fwd
 
     return chunk_fwd(q, k, v, log_decay, bonus, scale, initial_state, reset)
 
@@ -61,7 +60,7 @@ def _backward(
     inputs: tuple[Any, ...], outputs: tuple[Tensor, ...], grad_outputs: tuple[Tensor | None, ...]
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (q, k, v, log_decay, bonus, scale, initial_state, reset) from those of (o, final_state)."""
-    from plugins.linear_attention.triton_chunk_ops import chunk_bwd
+    from longhorn_zoo.plugins.linear_attention.triton_chunk_ops import chunk_bwd
 
     q, k, v, log_decay, bonus, scale, initial_state, reset = inputs
     do, dht = grad_outputs

@@ -1,6 +1,6 @@
 """Triton kernels of the chunked linear-attention scan (GLA, RetNet, RWKV-6).
 
-Imported only by :mod:`plugins.linear_attention.triton_chunk`, and only when Triton
+Imported only by :mod:`longhorn_zoo.plugins.linear_attention.triton_chunk`, and only when Triton
 is used, so that the trainer runs without Triton.
 
 Split the sequence into chunks of BT steps. Inside a chunk let b_t be the running

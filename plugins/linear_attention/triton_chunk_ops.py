@@ -3,17 +3,16 @@
 ``longhorn_zoo::linear_attn_chunk_fwd`` and ``longhorn_zoo::linear_attn_chunk_bwd`` are
 ``torch.library.triton_op`` ops: their fake implementation is the function itself, and
 under ``torch.compile`` Inductor sees the kernels. Importing this module imports Triton;
-:mod:`plugins.linear_attention.triton_chunk` does so only when the backend is used.
+:mod:`longhorn_zoo.plugins.linear_attention.triton_chunk` does so only when the backend is used.
 Float64 inputs (tests) run in float32 with exact (non-tf32) products.
 """
 
 from __future__ import annotations
 
 import torch
+from longhorn_zoo.plugins.linear_attention import triton_chunk_kernels as kern
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
-
-from plugins.linear_attention import triton_chunk_kernels as kern
 
 CHUNK_PER_KEY = 32
 """Steps per chunk for per-key decays (GLA, RWKV-6)."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.hookspecs import MixerArgs, MixerSpec, hookimpl
+from longhorn_zoo.hookspecs import MixerArgs, MixerSpec, hookimpl
 
 
 def _flops_per_token(args: MixerArgs, seq_len: int) -> float:
@@ -14,7 +14,7 @@ def _flops_per_token(args: MixerArgs, seq_len: int) -> float:
 
 @hookimpl
 def longhorn_zoo_mixers() -> list[MixerSpec]:
-    from plugins.llama.attention import Attention
+    from longhorn_zoo.plugins.llama.attention import Attention
 
     return [MixerSpec(name="llama", build=Attention, defaults=Path(__file__).with_name("defaults.toml"),
                       flops_per_token=_flops_per_token)]

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
+from longhorn_zoo.plugins.longhorn.ops import longhorn_scan, longhorn_step
+from longhorn_zoo.plugins.selective_scan.block import SelectiveBlock
 from torch import Tensor, nn
-
-from plugins.longhorn.ops import longhorn_scan, longhorn_step
-from plugins.selective_scan.block import SelectiveBlock
 
 
 class Longhorn(SelectiveBlock):

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.hookspecs import MixerSpec, hookimpl
+from longhorn_zoo.hookspecs import MixerSpec, hookimpl
 
 
 @hookimpl
 def longhorn_zoo_mixers() -> list[MixerSpec]:
-    from plugins.mamba.mixer import Mamba
-    from plugins.mamba.ops import mamba_scan
-    from plugins.selective_scan.block import flops_per_token
+    from longhorn_zoo.plugins.mamba.mixer import Mamba
+    from longhorn_zoo.plugins.mamba.ops import mamba_scan
+    from longhorn_zoo.plugins.selective_scan.block import flops_per_token
 
     return [
         MixerSpec(

@@ -9,18 +9,17 @@ Per batch, channel i and state n (Gu and Dao, arXiv 2312.00752, Algorithm 2):
 Layout is (B, T, C) for x, dt and z and (B, T, N) for B and C (shared by all
 channels); A is (C, N) with negative entries; the state is (B, C, N) in float32
 (float64 for float64 inputs). The recurrence itself is the shared diagonal scan of
-:mod:`plugins.selective_scan.reference`; this module only makes its decay and input.
+:mod:`longhorn_zoo.plugins.selective_scan.reference`; this module only makes its decay and input.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.ops import define_scan_op
+from longhorn_zoo.plugins.selective_scan.cuda import mamba_backend
+from longhorn_zoo.plugins.selective_scan.reference import compute_dtype, diag_scan, diag_step, gate_and_skip
 from torch import Tensor
-
-from plugins.selective_scan.cuda import mamba_backend
-from plugins.selective_scan.reference import compute_dtype, diag_scan, diag_step, gate_and_skip
-from trainer.ops import define_scan_op
 
 
 def _decay_and_input(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.hookspecs import MixerSpec, hookimpl
+from longhorn_zoo.hookspecs import MixerSpec, hookimpl
 
 
 @hookimpl
 def longhorn_zoo_mixers() -> list[MixerSpec]:
-    from plugins.linear_attention.layer import flops_per_token
-    from plugins.linear_attention.ops import linear_attn_scan
-    from plugins.retnet.mixer import RetNet
+    from longhorn_zoo.plugins.linear_attention.layer import flops_per_token
+    from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan
+    from longhorn_zoo.plugins.retnet.mixer import RetNet
 
     return [
         MixerSpec(

@@ -15,11 +15,10 @@ seen so far (for the rotary angles) and S (B, H, K/H, V/H).
 from __future__ import annotations
 
 import torch
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.linear_attention.layer import Features, LinearAttention, expanded_dims
+from longhorn_zoo.plugins.llama.attention import apply_rope
 from torch import Tensor, nn
-
-from plugins.linear_attention.layer import Features, LinearAttention, expanded_dims
-from plugins.llama.attention import apply_rope
-from trainer.hookspecs import MixerArgs
 
 
 class RetNet(LinearAttention):

@@ -33,9 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-
-from plugins.linear_attention.layer import (
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.linear_attention.layer import (
     Features,
     LinearAttention,
     RecurrentMixer,
@@ -43,7 +42,7 @@ from plugins.linear_attention.layer import (
     bounded_log_decay,
     token_shift,
 )
-from trainer.hookspecs import MixerArgs
+from torch import Tensor, nn
 
 
 def _layer_ratios(args: MixerArgs) -> tuple[float, float]:

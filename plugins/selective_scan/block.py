@@ -18,10 +18,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.selective_scan.reference import compute_dtype
 from torch import Tensor, nn
-
-from plugins.selective_scan.reference import compute_dtype
-from trainer.hookspecs import MixerArgs
 
 State = tuple[Tensor, Tensor]
 

@@ -8,7 +8,7 @@ hash of the sources, the torch version and the arch. Without a GPU or nvcc, the 
 report themselves unavailable and the ops run their reference.
 
 Each scan's ``ops.py`` registers its backend (:func:`longhorn_backend`, :func:`mamba_backend`). Ahead-of-time
-build on a GPU machine: ``python -m plugins.selective_scan.cuda --build``.
+build on a GPU machine: ``python -m longhorn_zoo.plugins.selective_scan.cuda --build``.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import functools
 import hashlib
+import importlib.resources
 import math
 import os
 import shutil
@@ -25,13 +26,12 @@ from types import ModuleType
 from typing import Any
 
 import torch
+from longhorn_zoo.ops import Backend, ScanOp
 from torch import Tensor
-
-from trainer.ops import Backend, ScanOp
 
 __all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING"]
 
-CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CSRC = Path(str(importlib.resources.files("longhorn_zoo.csrc")))
 SOURCES = ("binding.cpp", "combine.cu", "longhorn_fwd.cu", "longhorn_bwd.cu", "mamba_fwd.cu", "mamba_bwd.cu")
 HEADERS = ("scan_params.h", "selective_scan.cuh")
 LONGHORN, MAMBA = 0, 1

@@ -2,17 +2,17 @@
 
 Three ways to run it on a mixer:
 
-* ``pytest --mixer my_mixer`` (the ``pytest11`` plugin :mod:`trainer.conformance.pytest_plugin`);
-* ``python -m trainer.conformance my_mixer``;
+* ``pytest --mixer my_mixer`` (the ``pytest11`` plugin :mod:`longhorn_zoo.conformance.pytest_plugin`);
+* ``python -m longhorn_zoo.conformance my_mixer``;
 * a test module of your own::
 
-      from trainer.conformance import MixerConformance
+      from longhorn_zoo.conformance import MixerConformance
 
       class TestMyMixer(MixerConformance):
           mixer = "my_mixer"
 
-The properties are the functions of :mod:`trainer.conformance.checks` (plus
-:mod:`trainer.conformance.distributed`); each raises :class:`ConformanceError`
+The properties are the functions of :mod:`longhorn_zoo.conformance.checks` (plus
+:mod:`longhorn_zoo.conformance.distributed`); each raises :class:`ConformanceError`
 naming the mixer and the property. See ``docs/plugins.md``.
 """
 
@@ -26,11 +26,11 @@ __all__ = ["Conformance", "ConformanceError", "MixerConformance"]
 def __getattr__(name: str) -> Any:
     # Lazy: pytest imports this package for the plugin in every run; torch is loaded only when the suite is used.
     if name in ("Conformance", "ConformanceError"):
-        from trainer.conformance import harness
+        from longhorn_zoo.conformance import harness
 
         return getattr(harness, name)
     if name == "MixerConformance":
-        from trainer.conformance.suite import MixerConformance
+        from longhorn_zoo.conformance.suite import MixerConformance
 
         return MixerConformance
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

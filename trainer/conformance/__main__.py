@@ -1,4 +1,4 @@
-"""``python -m trainer.conformance [NAME ...] [PYTEST OPTIONS]``: run the conformance suite.
+"""``python -m longhorn_zoo.conformance [NAME ...] [PYTEST OPTIONS]``: run the conformance suite.
 
 With no names it checks every installed mixer. Options after the names go to
 pytest, e.g. ``-m "not conformance_distributed"`` or ``-x``.
@@ -9,8 +9,7 @@ from __future__ import annotations
 import sys
 
 import pytest
-
-from trainer.conformance.pytest_plugin import SUITE
+from longhorn_zoo.conformance.pytest_plugin import SUITE
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """The properties every mixer must have, one function each.
 
-Each ``check_*`` takes a :class:`~trainer.conformance.harness.Conformance` and
+Each ``check_*`` takes a :class:`~longhorn_zoo.conformance.harness.Conformance` and
 returns None when the mixer has the property, or raises
-:class:`~trainer.conformance.harness.ConformanceError` naming the mixer, the
+:class:`~longhorn_zoo.conformance.harness.ConformanceError` naming the mixer, the
 property and what was observed. The distributed check lives in
-:mod:`trainer.conformance.distributed` because it spawns processes.
+:mod:`longhorn_zoo.conformance.distributed` because it spawns processes.
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import math
 from typing import Any
 
 import torch
+from longhorn_zoo.config import load_config
+from longhorn_zoo.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
+from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.model import Block, ModelArgs, build_model
+from longhorn_zoo.ops import ScanOp
 from torch import Tensor
 from torch.utils._pytree import tree_flatten
-
-from trainer.config import load_config
-from trainer.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
-from trainer.hookspecs import MixerArgs
-from trainer.model import Block, ModelArgs, build_model
-from trainer.ops import ScanOp
 
 BF16_TOL = 5e-2
 """Largest error ratio of a bf16 forward against the fp32 forward of the same weights."""
@@ -216,7 +215,7 @@ def check_ops(c: Conformance) -> None:
 def _check_op(c: Conformance, op: ScanOp) -> None:
     if op.example_inputs is None:
         raise c.fail("ops", f"op {op.qualname} has no example inputs to check it on; pass "
-                            "example_inputs=... to trainer.ops.define_scan_op")
+                            "example_inputs=... to longhorn_zoo.ops.define_scan_op")
     with c.checking("ops", f"{op.qualname}: example_inputs"):
         examples = list(op.example_inputs(torch.float64, torch.Generator().manual_seed(0)))
     for i, args in enumerate(examples):

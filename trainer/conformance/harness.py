@@ -15,12 +15,11 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from longhorn_zoo.config import ConfigError, JobConfig, load_config
+from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
+from longhorn_zoo.model import LM, build_model
+from longhorn_zoo.registry import PluginError, get_registry
 from torch import Tensor, nn
-
-from trainer.config import ConfigError, JobConfig, load_config
-from trainer.hookspecs import MixerArgs, MixerSpec
-from trainer.model import LM, build_model
-from trainer.plugins import PluginError, get_registry
 
 FP32_TOL = 1e-4
 """Largest error ratio (RMS of the difference over RMS of the reference) between two fp32 paths."""

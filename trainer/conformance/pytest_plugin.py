@@ -2,7 +2,7 @@
 
 It adds ``--mixer NAME`` (repeatable): with no test paths, ``pytest --mixer NAME``
 runs the whole suite on those mixers; with paths, it names the mixers of any
-:class:`~trainer.conformance.MixerConformance` subclass that leaves ``mixer`` unset.
+:class:`~longhorn_zoo.conformance.MixerConformance` subclass that leaves ``mixer`` unset.
 This module is loaded by every pytest run in the environment, so it imports
 nothing heavy.
 """

@@ -1,6 +1,6 @@
-"""The suite that ``pytest --mixer NAME`` and ``python -m trainer.conformance NAME`` collect."""
+"""The suite that ``pytest --mixer NAME`` and ``python -m longhorn_zoo.conformance NAME`` collect."""
 
-from trainer.conformance.suite import MixerConformance
+from longhorn_zoo.conformance.suite import MixerConformance
 
 
 class TestMixer(MixerConformance):

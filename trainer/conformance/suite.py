@@ -2,7 +2,7 @@
 
 Subclass :class:`MixerConformance` in a test module and name your mixer::
 
-    from trainer.conformance import MixerConformance
+    from longhorn_zoo.conformance import MixerConformance
 
     class TestMyMixer(MixerConformance):
         mixer = "my_mixer"
@@ -21,11 +21,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
-
-from trainer.conformance import checks
-from trainer.conformance.distributed import distributed_problems
-from trainer.conformance.harness import Conformance
-from trainer.plugins import get_registry
+from longhorn_zoo.conformance import checks
+from longhorn_zoo.conformance.distributed import distributed_problems
+from longhorn_zoo.conformance.harness import Conformance
+from longhorn_zoo.registry import get_registry
 
 _DISTRIBUTED = pytest.StashKey[dict[str, "str | None"]]()
 

@@ -17,16 +17,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from longhorn_zoo.config import JobConfig
+from longhorn_zoo.data.errors import DataError
+from longhorn_zoo.data.mqar import IGNORE, MQAR
+from longhorn_zoo.data.packing import PackedTextStream
+from longhorn_zoo.data.shards import ShardLoader, ShardSet, read_index
+from longhorn_zoo.data.sources import TextSource
+from longhorn_zoo.data.text import BYTE_VOCAB, ByteWindows, split_corpus
+from longhorn_zoo.data.tokenizer import build_tokenizer
 from torch import Tensor
-
-from trainer.config import JobConfig
-from trainer.data.errors import DataError
-from trainer.data.mqar import IGNORE, MQAR
-from trainer.data.packing import PackedTextStream
-from trainer.data.shards import ShardLoader, ShardSet, read_index
-from trainer.data.sources import TextSource
-from trainer.data.text import BYTE_VOCAB, ByteWindows, split_corpus
-from trainer.data.tokenizer import build_tokenizer
 
 __all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "build_dataloader", "resolve_vocab_size"]
 

@@ -18,11 +18,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from longhorn_zoo.data.errors import DataError
+from longhorn_zoo.data.sources import TextSource
+from longhorn_zoo.data.tokenizer import Tokenizer
 from torch import Tensor
-
-from trainer.data.errors import DataError
-from trainer.data.sources import TextSource
-from trainer.data.tokenizer import Tokenizer
 
 CHUNK_DOCS = 64  # documents tokenized at a time, per rank
 

@@ -19,10 +19,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from trainer.data.shards import ShardWriter
-from trainer.data.sources import TextSource
-from trainer.data.tokenizer import Tokenizer, build_tokenizer
+from longhorn_zoo.data.shards import ShardWriter
+from longhorn_zoo.data.sources import TextSource
+from longhorn_zoo.data.tokenizer import Tokenizer, build_tokenizer
 
 _TOKENIZER: Tokenizer | None = None
 

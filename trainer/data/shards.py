@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from longhorn_zoo.data.errors import DataError
+from longhorn_zoo.data.packing import to_batch
 from torch import Tensor
-
-from trainer.data.errors import DataError
-from trainer.data.packing import to_batch
 
 FORMAT, VERSION, INDEX = "longhorn-zoo-tokens", 1, "index.json"
 

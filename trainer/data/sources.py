@@ -20,7 +20,7 @@ from itertools import chain, islice
 from pathlib import Path
 from typing import Any
 
-from trainer.data.errors import DataError, DataUnavailableError, offline
+from longhorn_zoo.data.errors import DataError, DataUnavailableError, offline
 
 HUB_ALIASES = {
     "slimpajama": "cerebras/SlimPajama-627B",

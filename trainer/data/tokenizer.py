@@ -16,8 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from trainer.data.errors import DataError, DataUnavailableError, offline
+from longhorn_zoo.data.errors import DataError, DataUnavailableError, offline
 
 ENDOFTEXT = "<|endoftext|>"
 _BLOB = "https://openaipublic.blob.core.windows.net"

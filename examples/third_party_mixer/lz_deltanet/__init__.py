@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from trainer.hookspecs import MixerArgs, MixerSpec, hookimpl
+from longhorn_zoo import MixerArgs, MixerSpec, hookimpl
 
 
 def _flops_per_token(args: MixerArgs, seq_len: int) -> float:

@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo import MixerArgs
 from torch import Tensor, nn
 
 from lz_deltanet.ops import delta_rule, delta_rule_step
-from trainer.hookspecs import MixerArgs
 
 
 class DeltaNet(nn.Module):

@@ -15,9 +15,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from longhorn_zoo import define_scan_op
 from torch import Tensor
-
-from trainer.ops import define_scan_op
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:

@@ -1,6 +1,6 @@
 """The longhorn-zoo conformance suite on the deltanet mixer: ``pytest examples/third_party_mixer/tests``."""
 
-from trainer.conformance import MixerConformance
+from longhorn_zoo.conformance import MixerConformance
 
 
 class TestDeltaNet(MixerConformance):

@@ -5,7 +5,7 @@ Every installed plugin, built-in or not, is loaded with pluggy's
 to import, raises in its hook or returns an invalid spec is reported by name and
 distribution while the other mixers stay usable.
 
-``python -m trainer.plugins`` lists the installed mixers.
+``python -m longhorn_zoo.registry`` lists the installed mixers.
 """
 
 from __future__ import annotations
@@ -19,11 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
-
-from trainer import hookspecs
-from trainer.hookspecs import ENTRY_POINT_GROUP, PROJECT, MixerSpec
-from trainer.ops import ScanOp
-from trainer.tomlcompat import tomllib
+from longhorn_zoo import hookspecs
+from longhorn_zoo.hookspecs import ENTRY_POINT_GROUP, PROJECT, MixerSpec
+from longhorn_zoo.ops import ScanOp
+from longhorn_zoo.tomlcompat import tomllib
 
 
 class PluginError(Exception):
@@ -89,7 +88,7 @@ def _source_of(pm: pluggy.PluginManager, plugin: object, ep_name: str) -> Source
 def validate_spec(spec: object) -> MixerSpec:
     """Check that a hook result is a usable :class:`MixerSpec`; raise ``PluginError`` if not."""
     if not isinstance(spec, MixerSpec):
-        raise PluginError(f"returned {type(spec).__name__}, expected trainer.hookspecs.MixerSpec")
+        raise PluginError(f"returned {type(spec).__name__}, expected longhorn_zoo.hookspecs.MixerSpec")
     if not isinstance(spec.name, str) or not spec.name.isidentifier():
         raise PluginError(f"mixer name {spec.name!r} must be a Python-identifier-like string")
     if not callable(spec.build):
@@ -106,7 +105,7 @@ def validate_spec(spec: object) -> MixerSpec:
         raise PluginError(f"mixer {spec.name!r}: [mixer] in {path} must be a table")
     for op in spec.ops:
         if not isinstance(op, ScanOp):
-            raise PluginError(f"mixer {spec.name!r}: ops must be trainer.ops.ScanOp, got {type(op).__name__}")
+            raise PluginError(f"mixer {spec.name!r}: ops must be longhorn_zoo.ops.ScanOp, got {type(op).__name__}")
     return spec
 
 
@@ -161,7 +160,7 @@ def get_registry() -> Registry:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m trainer.plugins",
+        prog="python -m longhorn_zoo.registry",
         description="List the installed longhorn-zoo mixer plugins and the op backends available here.",
     )
     parser.parse_args(argv)
