@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
 from longhorn_zoo.data.shards import ShardLoader, ShardSet, ShardWriter
 
 

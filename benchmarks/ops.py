@@ -32,8 +32,9 @@ from dataclasses import dataclass, field
 from functools import partial
 
 import torch
-from longhorn_zoo.ops import REFERENCE, ScanOp, set_backend_preference
 from torch import Tensor
+
+from longhorn_zoo.ops import REFERENCE, ScanOp, set_backend_preference
 
 HBM_BYTES_PER_S = 4.24e12
 TOLERANCE = {torch.float32: 1e-2, torch.float16: 2e-2, torch.bfloat16: 5e-2}
@@ -79,12 +80,11 @@ class OpCase:
 
 def build_cases() -> list[OpCase]:
     """Every op: the selective scans, the three linear-attention mixers, causal SDPA."""
+    from benchmarks import linear_attention as la
+    from benchmarks import selective_scan as ss
     from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan
     from longhorn_zoo.plugins.longhorn.ops import longhorn_scan
     from longhorn_zoo.plugins.mamba.ops import mamba_scan
-
-    from benchmarks import linear_attention as la
-    from benchmarks import selective_scan as ss
 
     scan = dict(
         width=ss.CHANNELS,

@@ -13,10 +13,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from longhorn_zoo.plugins.selective_scan import cuda as ss
 from triton.testing import do_bench
 
 from benchmarks import selective_scan as bss
+from longhorn_zoo.plugins.selective_scan import cuda as ss
 
 B, T, C = 4, 2048, 4096
 

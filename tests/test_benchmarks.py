@@ -6,10 +6,10 @@ from dataclasses import replace
 
 import pytest
 import torch
-from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_scan_reference
 
 from benchmarks import linear_attention as la
 from benchmarks import ops as bench
+from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_scan_reference
 
 
 def _tiny_width(case: bench.OpCase) -> int:

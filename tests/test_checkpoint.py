@@ -9,10 +9,11 @@ import time
 
 import pytest
 import torch
+from trainer_runs import losses, records, run, start, tiny_config
+
 from longhorn_zoo.checkpoint import CheckpointError, main, verify
 from longhorn_zoo.model import build_model
 from longhorn_zoo.train import train
-from trainer_runs import losses, records, run, start, tiny_config
 
 
 def wait_for(condition, proc, timeout: float = 120) -> None:

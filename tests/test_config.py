@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from longhorn_zoo.config import ConfigError, load_config, parse_args, to_toml
 from longhorn_zoo.tomlcompat import tomllib
 

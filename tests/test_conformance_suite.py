@@ -14,6 +14,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from longhorn_zoo.conformance import Conformance, ConformanceError, checks
 from longhorn_zoo.conformance.distributed import distributed_problems
 from longhorn_zoo.registry import get_registry

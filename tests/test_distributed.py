@@ -6,9 +6,10 @@ from __future__ import annotations
 import shutil
 
 import pytest
+from trainer_runs import losses, run, tiny_config
+
 from longhorn_zoo.parallelize import ParallelizeError
 from longhorn_zoo.train import train
-from trainer_runs import losses, run, tiny_config
 
 STEPS = 5
 

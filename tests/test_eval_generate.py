@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from longhorn_zoo import eval as evaluation
 from longhorn_zoo import generate as generation
 from longhorn_zoo.config import load_config

@@ -11,10 +11,11 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from longhorn_zoo.config import load_config
 from longhorn_zoo.model import build_model
 from longhorn_zoo.plugins.linear_attention.ops import CHUNK_PER_HEAD, CHUNK_PER_KEY, linear_attn_scan, linear_attn_step
-from torch import Tensor
 
 VARIANTS = ("gla", "retnet", "rwkv")
 B, H, K, V = 2, 3, 8, 5

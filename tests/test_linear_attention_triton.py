@@ -15,8 +15,9 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from longhorn_zoo.ops import define_scan_op
 from torch import Tensor
+
+from longhorn_zoo.ops import define_scan_op
 
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 
@@ -48,6 +49,7 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     if not _interpreted():
         pytest.skip("the Triton kernels were compiled for a GPU in this process")
     import triton.runtime.interpreter as interp
+
     from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
 
     original = interp._patch_lang_tensor

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+
 from longhorn_zoo.config import load_config
 from longhorn_zoo.model import build_model
 from longhorn_zoo.plugins.longhorn.ops import longhorn_scan, longhorn_step

@@ -6,12 +6,13 @@ import math
 
 import pytest
 import torch
+from torch import Tensor
+
 from longhorn_zoo.config import Optimizer as OptimizerConfig
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.optim import build_optimizer
 from longhorn_zoo.plugins.mamba.mixer import Mamba
 from longhorn_zoo.plugins.mamba.ops import mamba_scan, mamba_step
-from torch import Tensor
 
 CHANNELS, STATE = 6, 4
 NAMES = ("x", "dt", "A", "B", "C", "D", "z", "initial_state", "reset")

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+
 from longhorn_zoo.registry import PluginError, build_registry
 
 GOOD = """

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import Tensor
+
 from longhorn_zoo.plugins.longhorn.ops import longhorn_scan_reference
 from longhorn_zoo.plugins.mamba.ops import mamba_scan_reference
-from torch import Tensor
 
 CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
@@ -242,8 +243,9 @@ def test_backward_fakes_are_contiguous_for_strided_inputs(kind: str) -> None:
     """The extension returns contiguous gradients; the fakes must say so even when the block passes
     strided views (x, dt and z are slices of wider projections), or compiled graphs fail their
     stride asserts at run time. Runs on CPU: only the fake implementations are exercised."""
-    import longhorn_zoo.plugins.selective_scan.cuda  # noqa: F401  registers the backward ops
     from torch._subclasses.fake_tensor import FakeTensorMode
+
+    import longhorn_zoo.plugins.selective_scan.cuda  # noqa: F401  registers the backward ops
 
     b, t, c, n = 2, 5, 6, 16
     with FakeTensorMode():

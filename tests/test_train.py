@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from longhorn_zoo.config import load_config
 from longhorn_zoo.model import LM
 from longhorn_zoo.optim import lr_factor

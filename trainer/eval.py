@@ -22,6 +22,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from longhorn_zoo.config import JobConfig
 from longhorn_zoo.data import build_dataloader
 from longhorn_zoo.data.mqar import make_batch

@@ -14,9 +14,10 @@ import time
 from collections.abc import Callable
 
 import torch
+from torch import Tensor
+
 from longhorn_zoo.config import JobConfig
 from longhorn_zoo.model import LM
-from torch import Tensor
 
 
 def sample(logits: Tensor, temperature: float, top_k: int, top_p: float, gen: torch.Generator | None) -> Tensor:

@@ -48,8 +48,9 @@ from pathlib import Path
 from typing import Any
 
 import pluggy
-from longhorn_zoo.ops import ScanOp
 from torch import nn
+
+from longhorn_zoo.ops import ScanOp
 
 PROJECT = "longhorn_zoo"
 ENTRY_POINT_GROUP = "longhorn_zoo.mixers"

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+
 from longhorn_zoo.checkpoint import CheckpointError, read_model_weights
 from longhorn_zoo.config import ConfigError, JobConfig, load_config
 from longhorn_zoo.model import LM, build_model

@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from longhorn_zoo.config import Model as ModelConfig
 from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
-from torch import Tensor, nn
 
 
 @dataclass(frozen=True)

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
+
 from longhorn_zoo.config import LRScheduler as LRConfig
 from longhorn_zoo.config import Optimizer as OptimizerConfig
-from torch import nn
 
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:

@@ -26,9 +26,10 @@ through ``torch.distributed.checkpoint.state_dict``, which strips the
 from __future__ import annotations
 
 import torch
+from torch import nn
+
 from longhorn_zoo.config import ActivationCheckpoint, Float8, JobConfig
 from longhorn_zoo.model import LM
-from torch import nn
 
 
 class ParallelizeError(ValueError):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pluggy
+
 from longhorn_zoo import hookspecs
 from longhorn_zoo.hookspecs import ENTRY_POINT_GROUP, PROJECT, MixerSpec
 from longhorn_zoo.ops import ScanOp

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+
 from longhorn_zoo.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
 from longhorn_zoo.config import ConfigError, JobConfig, parse_args, to_toml
 from longhorn_zoo.data import IGNORE, build_dataloader, resolve_vocab_size

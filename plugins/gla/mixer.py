@@ -16,9 +16,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.layer import Features, LinearAttention, bounded_log_decay, expanded_dims
-from torch import Tensor, nn
 
 
 class GLA(LinearAttention):

@@ -27,9 +27,10 @@ from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
-from torch import Tensor, nn
 
 
 class Features(NamedTuple):

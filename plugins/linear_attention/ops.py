@@ -27,9 +27,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from longhorn_zoo.ops import define_scan_op
 from longhorn_zoo.plugins.linear_attention.triton_chunk import register_triton_backend
-from torch import Tensor
 
 __all__ = ["linear_attn_scan", "linear_attn_scan_reference", "linear_attn_step"]
 

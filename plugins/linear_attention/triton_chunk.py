@@ -26,8 +26,9 @@ import importlib.util
 from typing import Any
 
 import torch
-from longhorn_zoo.ops import Backend, ScanOp
 from torch import Tensor
+
+from longhorn_zoo.ops import Backend, ScanOp
 
 __all__ = ["TRITON_BACKEND", "register_triton_backend", "triton_available"]
 

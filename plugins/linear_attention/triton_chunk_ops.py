@@ -10,9 +10,10 @@ Float64 inputs (tests) run in float32 with exact (non-tf32) products.
 from __future__ import annotations
 
 import torch
-from longhorn_zoo.plugins.linear_attention import triton_chunk_kernels as kern
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
+
+from longhorn_zoo.plugins.linear_attention import triton_chunk_kernels as kern
 
 CHUNK_PER_KEY = 32
 """Steps per chunk for per-key decays (GLA, RWKV-6)."""

@@ -14,8 +14,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from longhorn_zoo.hookspecs import MixerArgs
 from torch import Tensor, nn
+
+from longhorn_zoo.hookspecs import MixerArgs
 
 KVCache = tuple[Tensor, Tensor]
 

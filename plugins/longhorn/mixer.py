@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from torch import Tensor, nn
+
 from longhorn_zoo.plugins.longhorn.ops import longhorn_scan, longhorn_step
 from longhorn_zoo.plugins.selective_scan.block import SelectiveBlock
-from torch import Tensor, nn
 
 
 class Longhorn(SelectiveBlock):

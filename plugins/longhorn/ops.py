@@ -15,10 +15,11 @@ Layout is (B, T, C) for x, dt and z and (B, T, N) for k and q; the state is
 from __future__ import annotations
 
 import torch
+from torch import Tensor
+
 from longhorn_zoo.ops import define_scan_op
 from longhorn_zoo.plugins.selective_scan.cuda import longhorn_backend
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype, diag_scan, diag_step, gate_and_skip
-from torch import Tensor
 
 
 def _decay_and_input(x: Tensor, dt: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:

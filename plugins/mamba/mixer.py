@@ -5,11 +5,12 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.mamba.ops import mamba_scan, mamba_step
 from longhorn_zoo.plugins.selective_scan.block import SelectiveBlock
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype
-from torch import Tensor, nn
 
 DT_MIN, DT_MAX, DT_FLOOR = 1e-3, 0.1, 1e-4
 

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
+
 from longhorn_zoo.ops import define_scan_op
 from longhorn_zoo.plugins.selective_scan.cuda import mamba_backend
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype, diag_scan, diag_step, gate_and_skip
-from torch import Tensor
 
 
 def _decay_and_input(x: Tensor, dt: Tensor, A: Tensor, B: Tensor) -> tuple[Tensor, Tensor]:

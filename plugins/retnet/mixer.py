@@ -15,10 +15,11 @@ seen so far (for the rotary angles) and S (B, H, K/H, V/H).
 from __future__ import annotations
 
 import torch
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.layer import Features, LinearAttention, expanded_dims
 from longhorn_zoo.plugins.llama.attention import apply_rope
-from torch import Tensor, nn
 
 
 class RetNet(LinearAttention):

@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.layer import (
     Features,
@@ -42,7 +44,6 @@ from longhorn_zoo.plugins.linear_attention.layer import (
     bounded_log_decay,
     token_shift,
 )
-from torch import Tensor, nn
 
 
 def _layer_ratios(args: MixerArgs) -> tuple[float, float]:

@@ -18,9 +18,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype
-from torch import Tensor, nn
 
 State = tuple[Tensor, Tensor]
 

@@ -26,8 +26,9 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from longhorn_zoo.ops import Backend, ScanOp
 from torch import Tensor
+
+from longhorn_zoo.ops import Backend, ScanOp
 
 __all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING"]
 

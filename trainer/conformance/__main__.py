@@ -9,6 +9,7 @@ from __future__ import annotations
 import sys
 
 import pytest
+
 from longhorn_zoo.conformance.pytest_plugin import SUITE
 
 

@@ -15,13 +15,14 @@ import math
 from typing import Any
 
 import torch
+from torch import Tensor
+from torch.utils._pytree import tree_flatten
+
 from longhorn_zoo.config import load_config
 from longhorn_zoo.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.model import Block, ModelArgs, build_model
 from longhorn_zoo.ops import ScanOp
-from torch import Tensor
-from torch.utils._pytree import tree_flatten
 
 BF16_TOL = 5e-2
 """Largest error ratio of a bf16 forward against the fp32 forward of the same weights."""

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
 from longhorn_zoo.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
 
 WORLD_SIZE = 2
@@ -25,10 +26,11 @@ WORLD_SIZE = 2
 
 def _compare(c: Conformance) -> str | None:
     """Run on every rank; returns the first disagreement (on rank 0) or None."""
-    from longhorn_zoo.model import build_model
-    from longhorn_zoo.parallelize import apply_fsdp
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
     from torch.distributed.device_mesh import init_device_mesh
+
+    from longhorn_zoo.model import build_model
+    from longhorn_zoo.parallelize import apply_fsdp
 
     rank = dist.get_rank()
     inputs, labels = c.tokens(batch=2 * WORLD_SIZE)

@@ -15,11 +15,12 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
+from torch import Tensor, nn
+
 from longhorn_zoo.config import ConfigError, JobConfig, load_config
 from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
 from longhorn_zoo.model import LM, build_model
 from longhorn_zoo.registry import PluginError, get_registry
-from torch import Tensor, nn
 
 FP32_TOL = 1e-4
 """Largest error ratio (RMS of the difference over RMS of the reference) between two fp32 paths."""

@@ -21,6 +21,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pytest
+
 from longhorn_zoo.conformance import checks
 from longhorn_zoo.conformance.distributed import distributed_problems
 from longhorn_zoo.conformance.harness import Conformance

@@ -17,6 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from torch import Tensor
+
 from longhorn_zoo.config import JobConfig
 from longhorn_zoo.data.errors import DataError
 from longhorn_zoo.data.mqar import IGNORE, MQAR
@@ -25,7 +27,6 @@ from longhorn_zoo.data.shards import ShardLoader, ShardSet, read_index
 from longhorn_zoo.data.sources import TextSource
 from longhorn_zoo.data.text import BYTE_VOCAB, ByteWindows, split_corpus
 from longhorn_zoo.data.tokenizer import build_tokenizer
-from torch import Tensor
 
 __all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "build_dataloader", "resolve_vocab_size"]
 

@@ -18,10 +18,11 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch import Tensor
+
 from longhorn_zoo.data.errors import DataError
 from longhorn_zoo.data.sources import TextSource
 from longhorn_zoo.data.tokenizer import Tokenizer
-from torch import Tensor
 
 CHUNK_DOCS = 64  # documents tokenized at a time, per rank
 

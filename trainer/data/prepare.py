@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from longhorn_zoo.data.shards import ShardWriter
 from longhorn_zoo.data.sources import TextSource
 from longhorn_zoo.data.tokenizer import Tokenizer, build_tokenizer

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from torch import Tensor
+
 from longhorn_zoo.data.errors import DataError
 from longhorn_zoo.data.packing import to_batch
-from torch import Tensor
 
 FORMAT, VERSION, INDEX = "longhorn-zoo-tokens", 1, "index.json"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from longhorn_zoo.data.errors import DataError, DataUnavailableError, offline
 
 ENDOFTEXT = "<|endoftext|>"

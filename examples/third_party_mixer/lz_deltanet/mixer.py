@@ -16,9 +16,9 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from longhorn_zoo import MixerArgs
 from torch import Tensor, nn
 
+from longhorn_zoo import MixerArgs
 from lz_deltanet.ops import delta_rule, delta_rule_step
 
 

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from longhorn_zoo import define_scan_op
 from torch import Tensor
+
+from longhorn_zoo import define_scan_op
 
 
 def compute_dtype(x: Tensor) -> torch.dtype:
