@@ -180,6 +180,19 @@ class Metrics:
 
 
 @dataclass
+class Profiling:
+    enable_profiling: bool = opt(False, "Trace training steps with torch.profiler: every profile_freq-th step, after 3 "
+                                 "warm-up steps, is written as <save_traces_folder>/iteration_N/rankR_trace.json, "
+                                 "which opens in Perfetto (ui.perfetto.dev) or TensorBoard's profiler plugin.")
+    save_traces_folder: str = opt("profile_traces", "Trace folder, relative to the dump folder.")
+    profile_freq: int = opt(10, "Steps between traced steps (profiling and memory snapshots).")
+    enable_memory_snapshot: bool = opt(False, "CUDA only: record the allocator's history and write "
+                                       "<save_memory_snapshot_folder>/iteration_N/rankR_memory_snapshot.pickle every "
+                                       "profile_freq steps and on out-of-memory (open at pytorch.org/memory_viz).")
+    save_memory_snapshot_folder: str = opt("memory_snapshot", "Memory snapshot folder, relative to the dump folder.")
+
+
+@dataclass
 class JobConfig:
     job: Job = field(default_factory=Job)
     model: Model = field(default_factory=Model)
@@ -193,6 +206,7 @@ class JobConfig:
     activation_checkpoint: ActivationCheckpoint = field(default_factory=ActivationCheckpoint)
     float8: Float8 = field(default_factory=Float8)
     metrics: Metrics = field(default_factory=Metrics)
+    profiling: Profiling = field(default_factory=Profiling)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         return dataclasses.asdict(self)

@@ -4,7 +4,8 @@ One batch's path: the loader yields ``inputs``/``labels`` (longhorn_zoo.data) ->
 (longhorn_zoo.model, mixers from plugins) under autocast -> cross-entropy on scored
 labels -> backward, accumulated over micro-batches up to the global batch ->
 clip -> AdamW step and LR schedule (longhorn_zoo.optim) -> metrics (longhorn_zoo.metrics) ->
-checkpoint on interval, last step or SIGTERM (longhorn_zoo.checkpoint, which also resumes).
+checkpoint on interval, last step or SIGTERM (longhorn_zoo.checkpoint, which also resumes); traces and
+memory snapshots on request (longhorn_zoo.profiling).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from longhorn_zoo.model import LM, build_model, flops_per_token
 from longhorn_zoo.ops import set_backend_preference
 from longhorn_zoo.optim import build_lr_scheduler, build_optimizer
 from longhorn_zoo.parallelize import parallelize
+from longhorn_zoo.profiling import Profiler
 
 H200_BF16_PEAK = 989e12  # dense bf16 FLOP/s of an H100/H200 SXM, the MFU denominator
 
@@ -173,8 +175,10 @@ def train(cfg: JobConfig) -> dict[str, float]:
 
     last: dict[str, float] = {}
     stop = False
+    profiler = Profiler(cfg.profiling, dump, rank, device, start)
     for step in range(start + 1, cfg.training.steps + 1):
         lr, grad_norm = train_step(model, loader, optimizer, scheduler, cfg, accum, device, autocast, metrics, step)
+        profiler.step(step)
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
             last = metrics.log(step, lr, grad_norm)
         every = cfg.training.eval_interval
@@ -189,6 +193,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
             if rank == 0:
                 print(f"SIGTERM: stopped after step {step}", flush=True)
             break
+    profiler.close()
     ckpt.close(export=not stop)
     sigterm.restore()
     metrics.close()
