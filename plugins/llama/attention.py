@@ -21,14 +21,24 @@ from longhorn_zoo.hookspecs import MixerArgs
 KVCache = tuple[Tensor, Tensor]
 
 
-def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
-    """Rotate channel pairs (i, i + d/2) of x (B, H, T, d) by angle pos * theta^(-2i/d)."""
+def rope_table(pos: Tensor, d: int, theta: float) -> Tensor:
+    """cos and sin of the angles pos * theta^(-2i/d), i < d/2: (2, len(pos), d/2) in float32."""
+    inv_freq = theta ** (-torch.arange(0, d, 2, device=pos.device, dtype=torch.float32) / d)
+    ang = pos.to(torch.float32)[:, None] * inv_freq[None]
+    return torch.stack([ang.cos(), ang.sin()])
+
+
+def rotate(x: Tensor, table: Tensor) -> Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (B, H, T, d) by the angles of ``table`` (2, T, d/2)."""
     d = x.shape[-1]
-    inv_freq = theta ** (-torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d)
-    ang = pos.to(torch.float32)[:, None] * inv_freq[None]  # (T, d/2)
-    cos, sin = ang.cos().to(x.dtype), ang.sin().to(x.dtype)
+    cos, sin = table[0].to(x.dtype), table[1].to(x.dtype)
     x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
+    """Rotate channel pairs (i, i + d/2) of x (B, H, T, d) by angle pos * theta^(-2i/d)."""
+    return rotate(x, rope_table(pos, x.shape[-1], theta))
 
 
 class Attention(nn.Module):
@@ -39,6 +49,9 @@ class Attention(nn.Module):
             raise ValueError(f"llama: dim {args.dim} is not divisible by model.mixer.n_heads {self.n_heads}")
         self.head_dim = args.dim // self.n_heads
         self.rope_theta = float(args.options["rope_theta"])
+        # The angles of positions 0 .. max_seq_len - 1, computed once (init_weights) rather than in
+        # every layer's forward; positions past the table (longer evaluation, generation) are computed.
+        self.register_buffer("rope", self._table(0, args.max_seq_len), persistent=False)
         self.wqkv = nn.Linear(args.dim, 3 * args.dim, bias=False)
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
@@ -47,8 +60,9 @@ class Attention(nn.Module):
         bsz, seqlen, dim = x.shape
         q, k, v = self.wqkv(x).view(bsz, seqlen, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         past = 0 if state is None else state[0].shape[2]
-        pos = torch.arange(past, past + seqlen, device=x.device)
-        q, k = apply_rope(q, pos, self.rope_theta), apply_rope(k, pos, self.rope_theta)
+        table = self.rope[:, past : past + seqlen] if past + seqlen <= self.rope.shape[1] else \
+            self._table(past, past + seqlen, x.device)
+        q, k = rotate(q, table), rotate(k, table)
         if state is None:
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
         else:
@@ -59,10 +73,15 @@ class Attention(nn.Module):
         out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim))
         return (out, (k, v)) if return_state else out
 
+    def _table(self, start: int, end: int, device: torch.device | None = None) -> Tensor:
+        """Angles of positions start .. end - 1 (on the default device when None)."""
+        return rope_table(torch.arange(start, end, device=device), self.head_dim, self.rope_theta)
+
     def step(self, x: Tensor, state: KVCache | None) -> tuple[Tensor, KVCache]:
         out, state = self.forward(x.unsqueeze(1), state, return_state=True)
         return out.squeeze(1), state
 
     def init_weights(self) -> None:
+        self.rope.copy_(self._table(0, self.rope.shape[1], self.rope.device))
         nn.init.trunc_normal_(self.wqkv.weight, std=0.02)
         nn.init.trunc_normal_(self.wo.weight, std=self.out_std)
