@@ -6,9 +6,10 @@ import pytest
 import torch
 
 from longhorn_zoo.config import load_config
+from longhorn_zoo.data import IGNORE
 from longhorn_zoo.model import LM
 from longhorn_zoo.optim import lr_factor
-from longhorn_zoo.train import TrainingError, train
+from longhorn_zoo.train import TrainingError, build_loss, cross_entropy, loss_and_accuracy, train
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--training.local_batch_size", "8",
         "--training.seq_len", "32", "--metrics.log_freq", "5", "--lr_scheduler.warmup_steps", "3"]
@@ -108,3 +109,20 @@ def test_tied_embeddings_stay_tied_after_materialising_from_meta():
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 16))
     model(tokens).sum().backward()
     assert model.tok_embeddings.weight.grad is not None
+
+
+def test_compiled_loss_matches_the_eager_loss_and_its_gradient():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 7, 19, generator=gen, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 19, (2, 7), generator=gen)
+    labels[0, :3] = IGNORE
+    cfg = load_config(None, ["--compile.enable", "true", "--compile.backend", "aot_eager"])  # inductor: slow on CPU
+    losses, grads = [], []
+    for loss_fn in (cross_entropy, build_loss(cfg)):
+        loss, correct, scored = loss_and_accuracy(logits, labels, loss_fn)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, logits)[0])
+        assert scored == 11 and correct == int((logits.argmax(-1) == labels)[labels != IGNORE].sum())
+    assert build_loss(cfg) is not cross_entropy
+    torch.testing.assert_close(losses[0], losses[1])
+    torch.testing.assert_close(grads[0].float(), grads[1].float(), rtol=1e-2, atol=1e-3)

@@ -49,12 +49,26 @@ def pick_device(cfg: JobConfig, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy (in float32) of logits (B, T, V) over the scored labels (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels.flatten(), ignore_index=IGNORE)
+
+
+def build_loss(cfg: JobConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss, compiled with the model (``[compile] enable``): one fused pass over the logits instead of
+    a float32 copy, a log-softmax and their gradients (B x T x vocab floats each) in memory."""
+    return torch.compile(cross_entropy, backend=cfg.compile.backend) if cfg.compile.enable else cross_entropy
+
+
+def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor,
+                      loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
+                      ) -> tuple[torch.Tensor, int, int]:
     """Mean cross-entropy over scored labels, and (correct, scored) counts for accuracy."""
-    flat, lab = logits.flatten(0, 1).float(), labels.flatten()
-    loss = F.cross_entropy(flat, lab, ignore_index=IGNORE)
-    scored = lab != IGNORE
-    correct = int((flat.argmax(-1)[scored] == lab[scored]).sum())
+    loss = loss_fn(logits, labels)
+    with torch.no_grad():
+        lab = labels.flatten()
+        scored = lab != IGNORE
+        correct = int((logits.flatten(0, 1).argmax(-1)[scored] == lab[scored]).sum())
     return loss, correct, int(scored.sum())
 
 
@@ -95,8 +109,8 @@ def build_autocast(cfg: JobConfig, device: torch.device, world_size: int) -> Cal
 
 def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]], optimizer: torch.optim.Optimizer,
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: JobConfig, accum: int, device: torch.device,
-               autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger,
-               step: int) -> tuple[float, float]:
+               autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger, step: int,
+               loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy) -> tuple[float, float]:
     """One optimizer step over ``accum`` micro-batches; returns (lr used, gradient norm before clipping)."""
     step_loss = 0.0
     for _ in range(accum):
@@ -106,7 +120,7 @@ def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]]
         data_time = time.perf_counter() - t_data
         with autocast():
             logits = model(inputs)
-        loss, correct, scored = loss_and_accuracy(logits, labels)
+        loss, correct, scored = loss_and_accuracy(logits, labels, loss_fn)
         (loss / accum).backward()
         step_loss += float(loss.detach()) / accum
         metrics.record(float(loss.detach()), inputs.numel(), correct, scored, data_time)
@@ -152,6 +166,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
 
     model, fpt = build_model_for_training(cfg, rank, world_size, device)
     autocast = build_autocast(cfg, device, world_size)
+    loss_fn = build_loss(cfg)
     optimizer = build_optimizer(model, cfg.optimizer)
     scheduler = build_lr_scheduler(optimizer, cfg.training.steps, cfg.lr_scheduler)
     loader = build_dataloader(cfg, rank, world_size)
@@ -177,7 +192,8 @@ def train(cfg: JobConfig) -> dict[str, float]:
     stop = False
     profiler = Profiler(cfg.profiling, dump, rank, device, start)
     for step in range(start + 1, cfg.training.steps + 1):
-        lr, grad_norm = train_step(model, loader, optimizer, scheduler, cfg, accum, device, autocast, metrics, step)
+        lr, grad_norm = train_step(model, loader, optimizer, scheduler, cfg, accum, device, autocast, metrics, step,
+                                   loss_fn)
         profiler.step(step)
         if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
             last = metrics.log(step, lr, grad_norm)
