@@ -17,6 +17,7 @@ import pytest
 
 from longhorn_zoo.conformance import Conformance, ConformanceError, checks
 from longhorn_zoo.conformance.distributed import distributed_problems
+from longhorn_zoo.conformance.documents import check_documents
 from longhorn_zoo.registry import get_registry
 
 BASE = '''
@@ -42,16 +43,18 @@ class Good(nn.Module):
         self.w_in = nn.Linear(args.dim, args.dim, bias=False)
         self.w_out = nn.Linear(args.dim, args.dim, bias=False)
 
-    def scan(self, u, h):
+    def scan(self, u, h, reset=None):
         outs = []
-        for u_t in u.unbind(1):
+        for t, u_t in enumerate(u.unbind(1)):
+            if reset is not None:
+                h = h.masked_fill(reset[:, t, None], 0.0)
             h = self.decay * h + u_t
             outs.append(h)
         return torch.stack(outs, 1), h
 
-    def forward(self, x, state=None, *, return_state=False):
+    def forward(self, x, state=None, *, return_state=False, reset=None):
         u = self.w_in(x)
-        hs, h = self.scan(u, u.new_zeros(u[:, 0].shape) if state is None else state)
+        hs, h = self.scan(u, u.new_zeros(u[:, 0].shape) if state is None else state, reset)
         y = self.w_out(hs)
         return (y, h) if return_state else y
 
@@ -83,6 +86,16 @@ class Mixer(Good):
         u = self.w_in(x)
         h = 0.6 * (u.new_zeros(u.shape) if state is None else state) + u
         return self.w_out(h), h
+''',
+    "leaks_documents": '''
+class Mixer(Good):
+    def forward(self, x, state=None, *, return_state=False, reset=None):
+        return super().forward(x, state, return_state=return_state)
+''',
+    "no_reset": '''
+class Mixer(Good):
+    def forward(self, x, state=None, *, return_state=False):
+        return super().forward(x, state, return_state=return_state)
 ''',
     "bad_split": '''
 class Mixer(Good):
@@ -231,12 +244,13 @@ def broken_plugins(tmp_path_factory: pytest.TempPathFactory) -> Path:
     get_registry.cache_clear()
 
 
-CHECKS = ["contract", "shapes", "causality", "step", "state_split", "gradients", "ops", "resets", "checkpoint",
-          "compile"]
+CHECKS = ["contract", "shapes", "causality", "step", "state_split", "gradients", "ops", "resets", "documents",
+          "checkpoint", "compile"]
 
 
 def run_check(name: str, prop: str) -> None:
-    getattr(checks, f"check_{prop}")(Conformance(name))
+    check = check_documents if prop == "documents" else getattr(checks, f"check_{prop}")
+    check(Conformance(name))
 
 
 def test_a_correct_mixer_passes_every_check(broken_plugins: Path) -> None:
@@ -259,6 +273,8 @@ BROKEN = [
     ("no_examples", "ops", r"op lz_broken::no_examples has no example inputs"),
     ("bad_backward", "ops", r"lz_broken::bad_backward: gradcheck on example 0 raised GradcheckError"),
     ("ignores_reset", "resets", r"lz_broken::ignores_reset: output 0 after a reset at token 2 differs from a fresh"),
+    ("leaks_documents", "documents", r"row 0: the outputs from a document start at token 8 change when only earlier"),
+    ("no_reset", "documents", r"forward\(x, reset=...\); forward must take reset=None.* raised TypeError"),
 ]
 
 

@@ -198,5 +198,5 @@ def test_mixer_log_decay_is_bounded_for_the_chunked_kernels(name, extra):
         else:
             mixer.gk_up.bias.fill_(-500.0)  # logsigmoid(-500) / 16 = -31 per step
     x = torch.randn(2, 9, 64, dtype=torch.float64)
-    log_decay = mixer.features(x, None).log_decay
+    log_decay = mixer.features(x, None, None).log_decay
     assert log_decay.min().item() == pytest.approx(MIN_LOG_DECAY)

@@ -115,6 +115,11 @@ class Data:
                          "cl100k_base, o200k_base) or a local .tiktoken file. shards record their own.")
     shard_dir: str = opt("", "shards: the folder data/prepare.py wrote (with train/ and val/ inside).")
     shuffle: bool = opt(True, "shards: visit the sequences in a seeded random order each epoch.")
+    document_boundaries: bool = opt(False, "text, shards: keep the documents packed into a row apart: every "
+                                    "mixer restarts its state (and short convs) where a document starts, and "
+                                    "attention is block-causal. Turn it on for corpora of unrelated documents "
+                                    "(web text), so that no token is predicted from an earlier, unrelated "
+                                    "document; off, a row is one stream, as the seed trains. See docs/data.md.")
 
 
 @dataclass

@@ -27,7 +27,7 @@ from longhorn_zoo.config import JobConfig
 from longhorn_zoo.data import build_dataloader
 from longhorn_zoo.data.mqar import make_batch
 from longhorn_zoo.model import LM
-from longhorn_zoo.train import loss_and_accuracy
+from longhorn_zoo.train import loss_and_accuracy, model_inputs
 
 FACTORS = (1, 2, 4, 8, 16)
 
@@ -42,7 +42,8 @@ def mean_loss(model: LM, cfg: JobConfig, seq_len: int, tokens: int, device: str)
     total = 0.0
     for _ in range(n_batches):
         b = next(loader)
-        total += float(loss_and_accuracy(model(b["inputs"].to(device)), b["labels"].to(device))[0])
+        inputs, reset = model_inputs(b, cfg, device)
+        total += float(loss_and_accuracy(model(inputs, reset=reset), b["labels"].to(device))[0])
     return total / n_batches
 
 

@@ -22,11 +22,20 @@ The trainer treats built-in and third-party plugins the same way. See
 
 The mixer module contract (what ``MixerSpec.build`` returns) is an ``nn.Module``:
 
-* ``forward(x, state=None, *, return_state=False)``: ``x`` is (B, T, D) and the
-  result is (B, T, D). With ``return_state=True`` it returns ``(y, new_state)``,
+* ``forward(x, state=None, *, return_state=False, reset=None)``: ``x`` is (B, T, D)
+  and the result is (B, T, D). With ``return_state=True`` it returns ``(y, new_state)``,
   where ``new_state`` continues the sequence; ``state`` is a state returned
   earlier (or None for a fresh sequence). Outputs at position t depend only on
   inputs at positions <= t (causality).
+* ``reset``: None, or a (B, T) bool tensor that is True where a new document
+  starts in a packed batch (the data loaders' ``reset``). With a reset at t, the
+  outputs at t and after (up to the next reset) must not depend on anything before
+  t, neither earlier inputs nor the ``state`` passed in: recurrent mixers zero
+  their state and short-convolution windows there, attention masks across
+  documents. The state returned continues the last document. The trainer passes
+  ``reset`` only when ``data.document_boundaries`` is on, so ``reset=None`` must
+  stay the fast path; a reset at t = 0 of every row is the same as ``state=None``.
+  ``step`` never gets one (generation is one document).
 * ``step(x, state) -> (y, new_state)``: one token, ``x`` of shape (B, D); the
   recurrent form used for generation. ``state=None`` starts a fresh sequence.
   Feeding tokens one by one through ``step`` must reproduce ``forward``.

@@ -76,11 +76,13 @@ class Block(nn.Module):
             self.mlp = None
         self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
 
-    def forward(self, x: Tensor, state: Any = None, return_state: bool = False) -> Tensor | tuple[Tensor, Any]:
+    def forward(self, x: Tensor, state: Any = None, return_state: bool = False,
+                reset: Tensor | None = None) -> Tensor | tuple[Tensor, Any]:
+        docs = {} if reset is None else {"reset": reset}  # mixers written before document resets still work
         if return_state:
-            h, state = self.mixer(self.mixer_norm(x), state, return_state=True)
+            h, state = self.mixer(self.mixer_norm(x), state, return_state=True, **docs)
         else:
-            h = self.mixer(self.mixer_norm(x))
+            h = self.mixer(self.mixer_norm(x), **docs)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -119,17 +121,21 @@ class LM(nn.Module):
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
 
-    def forward(self, tokens: Tensor, states: list[Any] | None = None,
-                return_states: bool = False) -> Tensor | tuple[Tensor, list[Any]]:
-        """Logits for ``tokens`` (B, T); with ``return_states`` also each layer's final state."""
+    def forward(self, tokens: Tensor, states: list[Any] | None = None, return_states: bool = False,
+                reset: Tensor | None = None) -> Tensor | tuple[Tensor, list[Any]]:
+        """Logits for ``tokens`` (B, T); with ``return_states`` also each layer's final state.
+
+        ``reset`` (B, T) bool marks document starts in a packed batch: every mixer then
+        keeps each document apart from the ones before it (see :mod:`longhorn_zoo.hookspecs`).
+        """
         h = self.tok_embeddings(tokens)
         new_states = []
         for i, layer in enumerate(self.layers.values()):
             if return_states:
-                h, s = layer(h, None if states is None else states[i], return_state=True)
+                h, s = layer(h, None if states is None else states[i], return_state=True, reset=reset)
                 new_states.append(s)
             else:
-                h = layer(h)
+                h = layer(h, reset=reset)
         logits = self.output(self.norm(h))
         return (logits, new_states) if return_states else logits
 

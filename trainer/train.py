@@ -1,6 +1,7 @@
 """The training entry point: ``python -m longhorn_zoo.train [CONFIG.toml] [--section.key value ...]``.
 
-One batch's path: the loader yields ``inputs``/``labels`` (longhorn_zoo.data) -> the LM
+One batch's path: the loader yields ``inputs``/``labels`` (longhorn_zoo.data), and ``reset``
+at document starts, which goes along with ``data.document_boundaries`` -> the LM
 (longhorn_zoo.model, mixers from plugins) under autocast -> cross-entropy on scored
 labels -> backward, accumulated over micro-batches up to the global batch ->
 clip -> AdamW step and LR schedule (longhorn_zoo.optim) -> metrics (longhorn_zoo.metrics) ->
@@ -72,6 +73,13 @@ def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor,
     return loss, correct, int(scored.sum())
 
 
+def model_inputs(batch: dict[str, torch.Tensor], cfg: JobConfig,
+                 device: torch.device | str) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The batch's ``inputs`` on ``device``, and its document starts when ``data.document_boundaries`` is on."""
+    reset = batch["reset"].to(device) if cfg.data.document_boundaries else None
+    return batch["inputs"].to(device), reset
+
+
 def grad_accum_steps(cfg: JobConfig, world_size: int) -> int:
     per_step = cfg.training.local_batch_size * world_size
     gbs = cfg.training.global_batch_size
@@ -92,8 +100,9 @@ def evaluate(model: torch.nn.Module, cfg: JobConfig, rank: int, world_size: int,
     total = 0.0
     for _ in range(cfg.training.eval_batches):
         batch = next(loader)
+        inputs, reset = model_inputs(batch, cfg, device)
         with autocast():
-            logits = model(batch["inputs"].to(device))
+            logits = model(inputs, reset=reset)
         total += float(loss_and_accuracy(logits, batch["labels"].to(device))[0])
     model.train()
     return total / cfg.training.eval_batches
@@ -116,10 +125,10 @@ def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]]
     for _ in range(accum):
         t_data = time.perf_counter()
         batch = next(loader)
-        inputs, labels = batch["inputs"].to(device), batch["labels"].to(device)
+        (inputs, reset), labels = model_inputs(batch, cfg, device), batch["labels"].to(device)
         data_time = time.perf_counter() - t_data
         with autocast():
-            logits = model(inputs)
+            logits = model(inputs, reset=reset)
         loss, correct, scored = loss_and_accuracy(logits, labels, loss_fn)
         (loss / accum).backward()
         step_loss += float(loss.detach()) / accum

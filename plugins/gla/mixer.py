@@ -33,7 +33,7 @@ class GLA(LinearAttention):
         self.gk_up = nn.Linear(int(o["gate_low_rank"]), self.key_dim, bias=True)
         self.gate_logit_normalizer = float(o["gate_logit_normalizer"])
 
-    def features(self, x: Tensor, context: Any) -> Features:
+    def features(self, x: Tensor, context: Any, reset: Tensor | None) -> Features:
         q, k, v, g = self.in_proj(x).split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
         log_decay = bounded_log_decay(F.logsigmoid(self.gk_up(self.gk_down(x)).float()) / self.gate_logit_normalizer)
         return Features(self.heads(q), self.heads(k), self.heads(v), self.heads(log_decay), g, None)

@@ -17,6 +17,9 @@ The recurrent state is ``(context, window, S)``: ``context`` is what the mixer's
 features need from the past (None for GLA, the position for RetNet's rotary, the
 last token for RWKV's token shift), ``window`` the last ``short_conv - 1`` inputs
 (B, D, short_conv - 1) or None, and S is (B, H, K, V) in float32.
+
+With document starts (``reset``), the scan zeroes S, the short conv and the token
+shift see zeros instead of an earlier document's tokens.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longhorn_zoo.documents import causal_depthwise_conv
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
 
@@ -48,12 +52,14 @@ class Features(NamedTuple):
 class RecurrentMixer(nn.Module):
     """``forward`` and ``step`` of the mixer contract, both from one ``mix(x, state, recurrent)``."""
 
-    def mix(self, x: Tensor, state: Any, recurrent: bool) -> tuple[Tensor, Any]:
-        """(B, T, D) to (B, T, D) and the new state; ``recurrent`` (T = 1) uses the single-step op."""
+    def mix(self, x: Tensor, state: Any, recurrent: bool, reset: Tensor | None = None) -> tuple[Tensor, Any]:
+        """(B, T, D) to (B, T, D) and the new state; ``recurrent`` (T = 1) uses the single-step op;
+        ``reset`` (B, T) marks document starts."""
         raise NotImplementedError
 
-    def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False) -> Any:
-        y, state = self.mix(x, state, recurrent=False)
+    def forward(self, x: Tensor, state: Any = None, *, return_state: bool = False,
+                reset: Tensor | None = None) -> Any:
+        y, state = self.mix(x, state, recurrent=False, reset=reset)
         return (y, state) if return_state else y
 
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
@@ -87,7 +93,8 @@ class LinearAttention(RecurrentMixer):
             self.conv = nn.Conv1d(dim, dim, short_conv, groups=dim, bias=True)
         self.out_std = 0.02 / math.sqrt(2 * n_layers)
 
-    def features(self, x: Tensor, context: Any) -> Features:
+    def features(self, x: Tensor, context: Any, reset: Tensor | None) -> Features:
+        """q, k, v, decay and gate of x (B, T, D); ``reset`` for features that look back (token shift)."""
         raise NotImplementedError
 
     def init_features(self) -> None:
@@ -98,20 +105,17 @@ class LinearAttention(RecurrentMixer):
         """(B, T, H * X) as (B, T, H, X)."""
         return x.unflatten(-1, (self.n_heads, -1))
 
-    def convolve(self, x: Tensor, window: Tensor | None) -> tuple[Tensor, Tensor]:
+    def convolve(self, x: Tensor, window: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
         """SiLU of the causal depthwise conv of x (B, T, D), continuing ``window``; and the new window."""
-        xt = x.transpose(1, 2)
-        prev = xt.new_zeros(xt.shape[0], xt.shape[1], self.short_conv - 1) if window is None else window.to(xt.dtype)
-        xt = torch.cat([prev, xt], dim=-1)
-        y = F.silu(F.conv1d(xt, self.conv.weight, self.conv.bias, groups=xt.shape[1]))
-        return y.transpose(1, 2), xt[..., xt.shape[-1] - (self.short_conv - 1) :]
+        y, window = causal_depthwise_conv(x.transpose(1, 2), window, self.conv.weight, self.conv.bias, reset)
+        return F.silu(y).transpose(1, 2), window
 
-    def mix(self, x: Tensor, state: tuple[Any, Any, Tensor] | None,
-            recurrent: bool) -> tuple[Tensor, tuple[Any, Any, Tensor]]:
+    def mix(self, x: Tensor, state: tuple[Any, Any, Tensor] | None, recurrent: bool,
+            reset: Tensor | None = None) -> tuple[Tensor, tuple[Any, Any, Tensor]]:
         context, window, s = (None, None, None) if state is None else state
         if self.short_conv > 0:
-            x, window = self.convolve(x, window)
-        f = self.features(x, context)
+            x, window = self.convolve(x, window, reset)
+        f = self.features(x, context, reset)
         if recurrent:
             if s is None:
                 cd = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -120,7 +124,7 @@ class LinearAttention(RecurrentMixer):
             o, s = linear_attn_step(f.q[:, 0], f.k[:, 0], f.v[:, 0], g, self.bonus, self.scale, s)
             o = o.unsqueeze(1)
         else:
-            o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.bonus, self.scale, s, None)
+            o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.bonus, self.scale, s, reset)
         o = F.rms_norm(o, (self.head_v,), eps=1e-5).flatten(2) * self.norm_weight
         return self.o_proj(o * F.silu(f.gate)), (f.context, window, s)
 
@@ -172,7 +176,11 @@ def assign_(param: Tensor, value: Tensor) -> None:
     param.copy_(value)
 
 
-def token_shift(x: Tensor, last: Tensor | None) -> tuple[Tensor, Tensor]:
-    """x_{t-1} for every t of x (B, T, D), starting from ``last`` (B, D) or zeros; and x's last token."""
+def token_shift(x: Tensor, last: Tensor | None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """x_{t-1} for every t of x (B, T, D), starting from ``last`` (B, D) or zeros, and zero where a
+    document starts at t (``reset``); and x's last token."""
     first = x.new_zeros(x.shape[0], 1, x.shape[2]) if last is None else last.unsqueeze(1).to(x.dtype)
-    return torch.cat([first, x[:, :-1]], dim=1), x[:, -1]
+    shifted = torch.cat([first, x[:, :-1]], dim=1)
+    if reset is not None:
+        shifted = shifted.masked_fill(reset.unsqueeze(-1), 0.0)
+    return shifted, x[:, -1]

@@ -4,7 +4,12 @@
     q, k    = rope(q, pos), rope(k, pos)  pos counts from the cached length
     out     = Wo softmax(q k^T / sqrt(d) + causal mask) v
 
-The recurrent state is a KV cache ``(k, v)`` of shape (B, H, T_cached, D/H) each.
+The recurrent state is a KV cache ``(k, v, visible)``: k and v (B, H, T_cached, D/H),
+and ``visible`` (B, T_cached) bool, the cached keys of each row's last document, or
+None when every cached key is (no document starts so far). With document starts
+(``reset``) the mask is block-causal: a query sees the keys of its own document only,
+and the cache only from the tokens before a row's first start. Without them,
+attention takes the plain causal path (``is_causal=True``).
 """
 
 from __future__ import annotations
@@ -16,9 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longhorn_zoo.documents import document_ids, same_document_causal
 from longhorn_zoo.hookspecs import MixerArgs
 
-KVCache = tuple[Tensor, Tensor]
+KVCache = tuple[Tensor, Tensor, Tensor | None]
 
 
 def rope_table(pos: Tensor, d: int, theta: float) -> Tensor:
@@ -41,6 +47,27 @@ def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     return rotate(x, rope_table(pos, x.shape[-1], theta))
 
 
+def _document_mask(reset: Tensor | None, visible: Tensor | None, bsz: int, seqlen: int,
+                   past: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The (B, 1, T, past + T) bool mask over the cached and new keys, and the keys visible afterwards.
+
+    Without ``reset`` the new tokens are one document that continues the cache's; with it,
+    the mask over them is block-causal and only the tokens before a row's first start see
+    the cache. Of the cache, only the ``visible`` keys are seen (all when None).
+    """
+    if reset is None:
+        new = torch.ones(seqlen, seqlen, dtype=torch.bool, device=device).tril().expand(bsz, 1, -1, -1)
+        first = torch.ones(bsz, seqlen, dtype=torch.bool, device=device)
+        last = first
+    else:
+        new, ids = same_document_causal(reset), document_ids(reset)
+        first, last = ids == 0, ids == ids[:, -1:]
+    seen = torch.ones(bsz, past, dtype=torch.bool, device=device) if visible is None else visible
+    cached = first[:, None, :, None] & seen[:, None, None, :]
+    kept = seen & first[:, -1:]  # the cache stays visible while the row's last document is its first
+    return torch.cat([cached, new], dim=-1), torch.cat([kept, last], dim=-1)
+
+
 class Attention(nn.Module):
     def __init__(self, args: MixerArgs) -> None:
         super().__init__()
@@ -56,22 +83,29 @@ class Attention(nn.Module):
         self.wo = nn.Linear(args.dim, args.dim, bias=False)
         self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
 
-    def forward(self, x: Tensor, state: KVCache | None = None, *, return_state: bool = False) -> Any:
+    def forward(self, x: Tensor, state: KVCache | None = None, *, return_state: bool = False,
+                reset: Tensor | None = None) -> Any:
         bsz, seqlen, dim = x.shape
         q, k, v = self.wqkv(x).view(bsz, seqlen, 3, self.n_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         past = 0 if state is None else state[0].shape[2]
+        visible = None if state is None else state[2]
         table = self.rope[:, past : past + seqlen] if past + seqlen <= self.rope.shape[1] else \
             self._table(past, past + seqlen, x.device)
         q, k = rotate(q, table), rotate(k, table)
-        if state is None:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        else:
+        if state is not None:
             k = torch.cat([state[0].to(k.dtype), k], dim=2)
             v = torch.cat([state[1].to(v.dtype), v], dim=2)
-            mask = torch.ones(seqlen, past + seqlen, dtype=torch.bool, device=x.device).tril(past)
+        if reset is None and visible is None:
+            if state is None:
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            else:
+                mask = torch.ones(seqlen, past + seqlen, dtype=torch.bool, device=x.device).tril(past)
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:
+            mask, visible = _document_mask(reset, visible, bsz, seqlen, past, x.device)
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
         out = self.wo(out.transpose(1, 2).reshape(bsz, seqlen, dim))
-        return (out, (k, v)) if return_state else out
+        return (out, (k, v, visible)) if return_state else out
 
     def _table(self, start: int, end: int, device: torch.device | None = None) -> Tensor:
         """Angles of positions start .. end - 1 (on the default device when None)."""

@@ -12,8 +12,8 @@ class Longhorn(SelectiveBlock):
     """Longhorn (arXiv 2407.14207): k and q are shared across channels; no A, dt bias starts at 0."""
 
     def scan(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
-             initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
-        return longhorn_scan(x, dt, k, q, self.D, z, initial_state, None)
+             initial_state: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
+        return longhorn_scan(x, dt, k, q, self.D, z, initial_state, reset)
 
     def scan_step(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
                   state: Tensor) -> tuple[Tensor, Tensor]:

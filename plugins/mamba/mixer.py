@@ -31,10 +31,9 @@ class Mamba(SelectiveBlock):
         """A = -exp(A_log), (d_inner, N), in the scan's compute dtype (float32, or float64 in tests)."""
         return -torch.exp(self.A_log.to(compute_dtype(self.A_log)))
 
-    def scan(
-        self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor, initial_state: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        return mamba_scan(x, dt, self.A(), B, C, self.D, z, initial_state, None)
+    def scan(self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor, initial_state: Tensor | None,
+             reset: Tensor | None) -> tuple[Tensor, Tensor]:
+        return mamba_scan(x, dt, self.A(), B, C, self.D, z, initial_state, reset)
 
     def scan_step(self, x: Tensor, dt: Tensor, B: Tensor, C: Tensor, z: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         return mamba_step(x, dt, self.A(), B, C, self.D, z, state)

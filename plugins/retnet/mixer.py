@@ -31,7 +31,7 @@ class RetNet(LinearAttention):
         self.rope_theta = float(o["rope_theta"])
         self.in_proj = nn.Linear(args.dim, 2 * key_dim + 2 * value_dim, bias=False)
 
-    def features(self, x: Tensor, position: int | None) -> Features:
+    def features(self, x: Tensor, position: int | None, reset: Tensor | None) -> Features:
         past = position or 0
         q, k, v, g = self.in_proj(x).split([self.key_dim, self.key_dim, self.value_dim, self.value_dim], dim=-1)
         pos = torch.arange(past, past + x.shape[1], device=x.device)

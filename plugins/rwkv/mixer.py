@@ -75,8 +75,8 @@ class TimeMix(LinearAttention):
         self.bonus = nn.Parameter(torch.empty(self.n_heads, self.head_k))
         self.in_proj = nn.Linear(args.dim, 4 * args.dim, bias=False)  # W_r, W_k, W_v, W_g stacked
 
-    def features(self, x: Tensor, last: Tensor | None) -> Features:
-        shifted, last = token_shift(x, last)
+    def features(self, x: Tensor, last: Tensor | None, reset: Tensor | None) -> Features:
+        shifted, last = token_shift(x, last, reset)
         dx = shifted - x
         lora = torch.tanh((x + dx * self.mu_x) @ self.mix_down).unflatten(-1, (self.n_mix, -1))
         lora = torch.einsum("btcr,crd->cbtd", lora, self.mix_up)
@@ -121,8 +121,8 @@ class ChannelMix(nn.Module):
         self.value = nn.Linear(hidden, args.dim, bias=False)
         self.receptance = nn.Linear(args.dim, args.dim, bias=False)
 
-    def forward(self, x: Tensor, last: Tensor | None) -> tuple[Tensor, Tensor]:
-        shifted, last = token_shift(x, last)
+    def forward(self, x: Tensor, last: Tensor | None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        shifted, last = token_shift(x, last, reset)
         xk, xr = x + (shifted - x) * self.mu[:, None, None]
         return torch.sigmoid(self.receptance(xr)) * self.value(F.relu(self.key(xk)).square()), last
 
@@ -144,10 +144,10 @@ class RWKV(RecurrentMixer):
         self.channel_norm = nn.RMSNorm(args.dim, eps=1e-5)
         self.channel_mix = ChannelMix(args)
 
-    def mix(self, x: Tensor, state: Any, recurrent: bool) -> tuple[Tensor, Any]:
+    def mix(self, x: Tensor, state: Any, recurrent: bool, reset: Tensor | None = None) -> tuple[Tensor, Any]:
         tm_state, cm_last = (None, None) if state is None else state
-        h, tm_state = self.time_mix.mix(x, tm_state, recurrent)
-        c, cm_last = self.channel_mix(self.channel_norm(x + h), cm_last)
+        h, tm_state = self.time_mix.mix(x, tm_state, recurrent, reset)
+        c, cm_last = self.channel_mix(self.channel_norm(x + h), cm_last, reset)
         return h + c, (tm_state, cm_last)
 
     @torch.no_grad()

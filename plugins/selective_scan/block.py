@@ -8,7 +8,8 @@
     out    = out_proj(y)
 
 The recurrent state is ``(conv_state, ssm_state)``: the last ``conv_kernel - 1``
-conv inputs (B, E, K-1) and the scan state (B, E, N) in float32.
+conv inputs (B, E, K-1) and the scan state (B, E, N) in float32. At document
+starts (``reset``) the scan zeroes its state and the conv sees zeros before them.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longhorn_zoo.documents import causal_depthwise_conv
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype
 
@@ -59,7 +61,7 @@ class SelectiveBlock(nn.Module):
 
     # -- what subclasses define -------------------------------------------------
     def scan(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
-             initial_state: Tensor | None) -> tuple[Tensor, Tensor]:
+             initial_state: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
     def scan_step(self, x: Tensor, dt: Tensor, k: Tensor, q: Tensor, z: Tensor,
@@ -74,17 +76,14 @@ class SelectiveBlock(nn.Module):
         dt_low, k, q = self.x_proj(x).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         return self.dt_proj(dt_low), k, q
 
-    def forward(self, u: Tensor, state: State | None = None, *, return_state: bool = False) -> Any:
-        bsz, seqlen, _ = u.shape
+    def forward(self, u: Tensor, state: State | None = None, *, return_state: bool = False,
+                reset: Tensor | None = None) -> Any:
         x, z = self.in_proj(u).chunk(2, dim=-1)
-        xt = x.transpose(1, 2)  # (B, E, T)
-        km1 = self.conv_kernel - 1
-        prev = xt.new_zeros(bsz, self.d_inner, km1) if state is None else state[0].to(xt.dtype)
-        xt = torch.cat([prev, xt], dim=-1)
-        conv_state = xt[..., xt.shape[-1] - km1 :]
-        x = F.silu(F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=self.d_inner)).transpose(1, 2)
+        xc, conv_state = causal_depthwise_conv(x.transpose(1, 2), None if state is None else state[0],
+                                               self.conv1d.weight, self.conv1d.bias, reset)
+        x = F.silu(xc).transpose(1, 2)
         dt, k, q = self._project(x)
-        y, h = self.scan(x, dt, k, q, z, None if state is None else state[1])
+        y, h = self.scan(x, dt, k, q, z, None if state is None else state[1], reset)
         out = self.out_proj(y)
         return (out, (conv_state, h)) if return_state else out
 

@@ -12,8 +12,8 @@ Three ways to run it on a mixer:
           mixer = "my_mixer"
 
 The properties are the functions of :mod:`longhorn_zoo.conformance.checks` (plus
-:mod:`longhorn_zoo.conformance.distributed`); each raises :class:`ConformanceError`
-naming the mixer and the property. See ``docs/plugins.md``.
+:mod:`longhorn_zoo.conformance.documents` and :mod:`longhorn_zoo.conformance.distributed`); each
+raises :class:`ConformanceError` naming the mixer and the property. See ``docs/plugins.md``.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ import pytest
 
 from longhorn_zoo.conformance import checks
 from longhorn_zoo.conformance.distributed import distributed_problems
+from longhorn_zoo.conformance.documents import check_documents
 from longhorn_zoo.conformance.harness import Conformance
 from longhorn_zoo.registry import get_registry
 
@@ -89,6 +90,9 @@ class MixerConformance:
         if not checks.resetting_ops(conformance):
             pytest.skip(f"mixer {conformance.name!r} has no scan op with document resets")
         checks.check_resets(conformance)
+
+    def test_documents(self, conformance: Conformance) -> None:
+        check_documents(conformance)
 
     def test_checkpoint(self, conformance: Conformance) -> None:
         checks.check_checkpoint(conformance)

@@ -93,6 +93,9 @@ def build_dataloader(cfg: JobConfig, rank: int, world_size: int, split: str = "t
     """The loader of ``split`` ("train" or "val") for data-parallel ``rank`` of ``world_size``."""
     d, t = cfg.data, cfg.training
     resolve_vocab_size(cfg)
+    if d.document_boundaries and d.dataset not in ("text", "shards"):
+        raise DataError(f"data.document_boundaries needs documents, and data.dataset = {d.dataset!r} has none "
+                        "(its rows are windows of one stream); use text or shards, or set it to false")
     seed = cfg.training.seed * 1000 + (500 if split == "val" else 0)
     rows = t.local_batch_size * world_size
     if d.dataset in ("mqar", "bytes"):

@@ -6,7 +6,8 @@
     o, S    = delta_rule(q, k, v, beta, S) see lz_deltanet.ops
     out     = W_o RMSNorm(o)               norm per head
 
-The recurrent state is the delta-rule state S (B, H, d, d) in float32.
+The recurrent state is the delta-rule state S (B, H, d, d) in float32; at document
+starts (``reset``) the op zeroes it.
 """
 
 from __future__ import annotations
@@ -44,8 +45,9 @@ class DeltaNet(nn.Module):
     def _output(self, o: Tensor) -> Tensor:
         return self.o_proj(self.o_norm(o).flatten(-2))
 
-    def forward(self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False) -> Any:
-        o, state = delta_rule(*self._project(x), state)
+    def forward(self, x: Tensor, state: Tensor | None = None, *, return_state: bool = False,
+                reset: Tensor | None = None) -> Any:
+        o, state = delta_rule(*self._project(x), state, reset)
         out = self._output(o)
         return (out, state) if return_state else out
 

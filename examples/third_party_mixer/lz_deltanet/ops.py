@@ -8,7 +8,8 @@ Yang et al., arXiv 2406.06484):
     o_t = S_t q_t
 
 Layout is (B, T, H, d) for q, k, v and (B, T, H) for beta; the state S is
-(B, H, d_v, d_k) in float32 (float64 for float64 inputs).
+(B, H, d_v, d_k) in float32 (float64 for float64 inputs). A ``reset`` at t (a
+document start in a packed batch) zeroes S_{t-1} before step t.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ def delta_rule_step(S: Tensor, q: Tensor, k: Tensor, v: Tensor, beta: Tensor) ->
 
 
 def delta_rule_reference(
-    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Tensor | None
+    q: Tensor, k: Tensor, v: Tensor, beta: Tensor, initial_state: Tensor | None, reset: Tensor | None
 ) -> tuple[Tensor, Tensor]:
     """The delta-rule scan, one token at a time.
 
@@ -42,6 +43,7 @@ def delta_rule_reference(
         v: (B, T, H, d_v) values.
         beta: (B, T, H) write strengths in (0, 1).
         initial_state: (B, H, d_v, d_k), or None for zeros.
+        reset: (B, T) bool, True where a new document starts (zeroes the state before that step), or None.
 
     Returns:
         o (B, T, H, d_v) in q's dtype, and the final state in the compute dtype.
@@ -50,20 +52,22 @@ def delta_rule_reference(
     bsz, _, heads, d_k = k.shape
     S = q.new_zeros(bsz, heads, v.shape[-1], d_k, dtype=cd) if initial_state is None else initial_state.to(cd)
     outs = []
-    for q_t, k_t, v_t, b_t in zip(q.to(cd).unbind(1), k.to(cd).unbind(1), v.to(cd).unbind(1), beta.to(cd).unbind(1)):
+    for t, (q_t, k_t, v_t, b_t) in enumerate(zip(*(a.to(cd).unbind(1) for a in (q, k, v, beta)))):
+        if reset is not None:
+            S = S.masked_fill(reset[:, t, None, None, None], 0.0)
         o_t, S = delta_rule_step(S, q_t, k_t, v_t, b_t)
         outs.append(o_t)
     return torch.stack(outs, dim=1).to(q.dtype), S.clone(memory_format=torch.contiguous_format)
 
 
-def _delta_rule_fake(q, k, v, beta, initial_state):
+def _delta_rule_fake(q, k, v, beta, initial_state, reset):
     bsz, seqlen, heads, d_k = k.shape
     d_v = v.shape[-1]
     return q.new_empty(bsz, seqlen, heads, d_v), q.new_empty(bsz, heads, d_v, d_k, dtype=compute_dtype(q))
 
 
 def _delta_rule_examples(dtype: torch.dtype, gen: torch.Generator) -> list[tuple]:
-    """Tiny inputs for the conformance suite: with an initial state, then without."""
+    """Tiny inputs for the conformance suite: with an initial state and a reset, then without."""
     bsz, seqlen, heads, d = 2, 4, 2, 3
 
     def r(*shape: int) -> Tensor:
@@ -71,7 +75,9 @@ def _delta_rule_examples(dtype: torch.dtype, gen: torch.Generator) -> list[tuple
 
     q, k, v = r(bsz, seqlen, heads, d), F.normalize(r(bsz, seqlen, heads, d), dim=-1), r(bsz, seqlen, heads, d)
     beta = torch.sigmoid(r(bsz, seqlen, heads))
-    return [(q, k, v, beta, r(bsz, heads, d, d)), (q, k, v, beta, None)]
+    reset = torch.zeros(bsz, seqlen, dtype=torch.bool)
+    reset[0, 2] = True
+    return [(q, k, v, beta, r(bsz, heads, d, d), reset), (q, k, v, beta, None, None)]
 
 
 delta_rule = define_scan_op("lz_deltanet::delta_rule", delta_rule_reference, _delta_rule_fake,
