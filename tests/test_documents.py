@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from longhorn_zoo.config import load_config
 from longhorn_zoo.data import DataError, build_dataloader
-from longhorn_zoo.documents import causal_depthwise_conv, document_ids, document_positions, same_document_causal
+from longhorn_zoo.documents import document_ids, document_positions, same_document_causal
 from longhorn_zoo.model import build_model
 from longhorn_zoo.train import train
 
@@ -35,33 +34,6 @@ def test_block_causal_mask_is_causal_within_documents() -> None:
     t = torch.arange(30)
     want = (t[:, None] >= t[None, :]) & (ids[:, :, None] == ids[:, None, :])
     assert torch.equal(mask, want)
-
-
-@pytest.mark.parametrize("kernel", [2, 4])
-def test_conv_restarts_at_documents_and_its_window_continues_the_last(kernel: int) -> None:
-    gen = torch.Generator().manual_seed(2)
-    bsz, chans, seqlen = 2, 3, 23
-    x = torch.randn(bsz, chans, seqlen, generator=gen, dtype=torch.float64)
-    w = torch.randn(chans, 1, kernel, generator=gen, dtype=torch.float64)
-    bias = torch.randn(chans, generator=gen, dtype=torch.float64)
-    window = torch.randn(bsz, chans, kernel - 1, generator=gen, dtype=torch.float64)
-    reset = torch.zeros(bsz, seqlen, dtype=torch.bool)
-    reset[0, [4, 5, 21]] = True  # a one-token document, then one of two tokens at the end
-    reset[1, 10] = True
-    y, last = causal_depthwise_conv(x, window, w, bias, reset)
-    for b in range(bsz):
-        starts = [0, *reset[b].nonzero().flatten().tolist(), seqlen]
-        for lo, hi in zip(starts[:-1], starts[1:]):
-            prev = window[b : b + 1] if lo == 0 else torch.zeros(1, chans, kernel - 1, dtype=x.dtype)
-            want = F.conv1d(torch.cat([prev, x[b : b + 1, :, lo:hi]], -1), w, bias, groups=chans)
-            torch.testing.assert_close(y[b : b + 1, :, lo:hi], want)
-    more = torch.randn(bsz, chans, 5, generator=gen, dtype=torch.float64)
-    y_next, _ = causal_depthwise_conv(more, last, w, bias, None)
-    whole, _ = causal_depthwise_conv(torch.cat([x, more], -1), window, w, bias, F.pad(reset, (0, 5)))
-    torch.testing.assert_close(y_next, whole[..., seqlen:])
-    y_plain, _ = causal_depthwise_conv(x, window, w, bias, None)
-    y_none, _ = causal_depthwise_conv(x, window, w, bias, torch.zeros_like(reset))
-    torch.testing.assert_close(y_none, y_plain)
 
 
 @pytest.mark.parametrize("mixer", ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv"])

@@ -12,13 +12,14 @@ def longhorn_zoo_mixers() -> list[MixerSpec]:
     from longhorn_zoo.plugins.gla.mixer import GLA
     from longhorn_zoo.plugins.linear_attention.layer import flops_per_token
     from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan
+    from longhorn_zoo.plugins.selective_scan.conv import causal_conv1d
 
     return [
         MixerSpec(
             name="gla",
             build=GLA,
             defaults=Path(__file__).with_name("defaults.toml"),
-            ops=(linear_attn_scan,),
+            ops=(linear_attn_scan, causal_conv1d),
             flops_per_token=flops_per_token(GLA),
         )
     ]

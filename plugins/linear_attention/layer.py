@@ -1,6 +1,6 @@
 """The module skeleton shared by the gla, retnet and rwkv mixers.
 
-    x'   = SiLU(causal_depthwise_conv(x))   if short_conv > 0    # optional, GLA/RetNet only
+    x'   = SiLU(causal_conv1d(x))           if short_conv > 0    # optional, GLA/RetNet only
     q, k, v, log_decay, gate = features(x')                     # the mixer's own part
     o, S = linear_attn_scan(q, k, v, log_decay, u, scale, S)    # per head, state S (K, V)
     y    = W_o (HeadNorm(o) * SiLU(gate))
@@ -32,9 +32,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longhorn_zoo.documents import causal_depthwise_conv
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan, linear_attn_step
+from longhorn_zoo.plugins.selective_scan.conv import causal_conv1d
 
 
 class Features(NamedTuple):
@@ -107,8 +107,7 @@ class LinearAttention(RecurrentMixer):
 
     def convolve(self, x: Tensor, window: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
         """SiLU of the causal depthwise conv of x (B, T, D), continuing ``window``; and the new window."""
-        y, window = causal_depthwise_conv(x.transpose(1, 2), window, self.conv.weight, self.conv.bias, reset)
-        return F.silu(y).transpose(1, 2), window
+        return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, window, reset, "silu")
 
     def mix(self, x: Tensor, state: tuple[Any, Any, Tensor] | None, recurrent: bool,
             reset: Tensor | None = None) -> tuple[Tensor, tuple[Any, Any, Tensor]]:

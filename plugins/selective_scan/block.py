@@ -1,7 +1,7 @@
 """The Mamba-style block shared by Longhorn and Mamba.
 
     x, z   = in_proj(u).chunk(2)                  # (B, T, E) each, E = expand * D
-    x      = SiLU(causal_depthwise_conv1d(x))     # kernel conv_kernel
+    x      = SiLU(causal_conv1d(x))               # kernel conv_kernel, one fused op (conv.py)
     dt_low, k, q = x_proj(x).split(R, N, N)       # k, q shared by all E channels
     dt     = dt_proj(dt_low)                      # (B, T, E), bias included
     y, h   = scan(x, dt, k, q, D, z, h0)          # the subclass's recurrence, gate fused
@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from longhorn_zoo.documents import causal_depthwise_conv
 from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.plugins.selective_scan.conv import causal_conv1d
 from longhorn_zoo.plugins.selective_scan.reference import compute_dtype
 
 State = tuple[Tensor, Tensor]
@@ -78,10 +78,9 @@ class SelectiveBlock(nn.Module):
 
     def forward(self, u: Tensor, state: State | None = None, *, return_state: bool = False,
                 reset: Tensor | None = None) -> Any:
-        x, z = self.in_proj(u).chunk(2, dim=-1)
-        xc, conv_state = causal_depthwise_conv(x.transpose(1, 2), None if state is None else state[0],
-                                               self.conv1d.weight, self.conv1d.bias, reset)
-        x = F.silu(xc).transpose(1, 2)
+        x, z = self.in_proj(u).chunk(2, dim=-1)  # views of one (B, T, 2E) tensor, read in place by the ops
+        x, conv_state = causal_conv1d(x, self.conv1d.weight.squeeze(1), self.conv1d.bias,
+                                      None if state is None else state[0], reset, "silu")
         dt, k, q = self._project(x)
         y, h = self.scan(x, dt, k, q, z, None if state is None else state[1], reset)
         out = self.out_proj(y)

@@ -1,4 +1,5 @@
-"""The causal depthwise convolution of the selective-scan block as a custom op, ``longhorn_zoo::causal_conv1d``.
+"""The causal depthwise convolution as a custom op, ``longhorn_zoo::causal_conv1d``: the selective-scan
+block's conv and the linear-attention layers' optional short conv.
 
 Per batch b, channel e and step t, with kernel size K and weight w (E, K):
 
