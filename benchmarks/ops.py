@@ -8,8 +8,9 @@ Usage (on a GPU machine, from the repo root)::
 
 Set ``LONGHORN_ZOO_BUILD_DIR`` to keep the CUDA extension build (about 2 min) between runs.
 
-Ops (``--ops``): ``longhorn`` and ``mamba`` (the CUDA selective scans), ``gla``, ``retnet`` and ``rwkv``
-(the Triton linear-attention scan, as each mixer calls it) and ``sdpa`` (causal attention, timed only).
+Ops (``--ops``): ``longhorn`` and ``mamba`` (the CUDA selective scans), ``conv`` (the selective-scan
+block's causal depthwise conv and SiLU, Triton), ``gla``, ``retnet`` and ``rwkv`` (the Triton
+linear-attention scan, as each mixer calls it) and ``sdpa`` (causal attention, timed only).
 
 Each :class:`OpCase` names an op, how to draw its inputs and the bytes it must move at least. First
 the fast backend of each op is checked against the op's reference run in float64 (forward outputs,
@@ -17,7 +18,8 @@ all gradients, final state) on fresh random inputs at a reduced width; a relativ
 :data:`TOLERANCE` is flagged FAIL. Then, at the full shapes, the script times forward and forward
 plus backward (medians of CUDA-event timings via ``triton.testing.do_bench``) of the fast backend,
 of the reference (through the op, as ``op_backend = "reference"`` runs it; only up to
-``reference_max_t``, it is slow) and of fla's chunk op when fla imports, and prints one table with
+``reference_max_t``, it is slow) and of the op's peer (fla's chunk op when fla imports, PyTorch's
+conv1d for the conv), and prints one table with
 the memory floor (bytes / 4.24 TB/s) and the peak memory a forward plus backward allocates beyond
 its inputs. The exit status is 1 when a check failed or our backend could not be timed.
 """
@@ -58,7 +60,9 @@ class OpCase:
         checks: (B, T, width, dtype or None for ``--dtype``) of the float64 checks; the first one under ``--quick``.
         backend: The fast backend (``set_backend_preference`` name).
         reference_max_t: Time the reference up to this T (0: never).
-        fla: Returns fla's op with the op's signature (raises ImportError without fla), or None.
+        peer: Returns a peer implementation with the op's signature (fla's chunk op; raises ImportError
+            when it is not installed), or None.
+        peer_name: The peer's name in the table.
         target_us: Forward plus backward target at the first shape, µs.
         sweep: ``sweep(B, T)`` applies each launch setting of ``--sweep`` in turn, yielding its label.
     """
@@ -73,18 +77,21 @@ class OpCase:
     checks: list[tuple[int, int, int, torch.dtype | None]] = field(default_factory=list)
     backend: str = "cuda"
     reference_max_t: int = 0
-    fla: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
+    peer: Callable[[], Callable[..., tuple[Tensor, ...]]] | None = None
+    peer_name: str = "fla"
     target_us: float | None = None
     sweep: Callable[[int, int], Iterator[str]] | None = None
 
 
 def build_cases() -> list[OpCase]:
-    """Every op: the selective scans, the three linear-attention mixers, causal SDPA."""
+    """Every op: the selective scans, the block's conv, the three linear-attention mixers, causal SDPA."""
+    from benchmarks import conv
     from benchmarks import linear_attention as la
     from benchmarks import selective_scan as ss
     from longhorn_zoo.plugins.linear_attention.ops import linear_attn_scan
     from longhorn_zoo.plugins.longhorn.ops import longhorn_scan
     from longhorn_zoo.plugins.mamba.ops import mamba_scan
+    from longhorn_zoo.plugins.selective_scan.conv import causal_conv1d
 
     scan = dict(
         width=ss.CHANNELS,
@@ -97,11 +104,15 @@ def build_cases() -> list[OpCase]:
     cases = [
         OpCase("longhorn", longhorn_scan, ss.longhorn_inputs, ss.floor_bytes, target_us=600.0, **scan),
         OpCase("mamba", mamba_scan, ss.mamba_inputs, ss.floor_bytes, target_us=1000.0, **scan),
+        OpCase("conv", causal_conv1d, conv.inputs, conv.floor_bytes, width=conv.CHANNELS,
+               dims=f"E={conv.CHANNELS} K={conv.KERNEL}", shapes=conv.SHAPES, backend="triton", reference_max_t=2048,
+               checks=[(2, 2049, 520, None), (1, 300, 96, torch.float32)], peer=conv.conv1d_peer,
+               peer_name="F.conv1d", target_us=conv.TARGET_US, sweep=conv.sweep),
     ]
     cases += [
         OpCase(v.name, linear_attn_scan, partial(la.inputs, v), la.floor_bytes, width=v.heads,
                dims=f"H={v.heads} K=V={v.head_dim}", shapes=la.SHAPES, backend="triton", reference_max_t=2048,
-               checks=[(2, 2049, 2, None), (1, 300, 1, torch.float32)], fla=partial(la.fla_op, v),
+               checks=[(2, 2049, 2, None), (1, 300, 1, torch.float32)], peer=partial(la.fla_op, v),
                target_us=v.target_us, sweep=partial(la.sweep, v))
         for v in la.VARIANTS.values()
     ]  # fmt: skip
@@ -196,14 +207,14 @@ def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
 
     Args:
         case: The op.
-        impl: ``case.backend``, ``"reference"`` (the op under that preference) or ``"fla"``.
+        impl: ``case.backend``, ``"reference"`` (the op under that preference) or ``"peer"``.
         args: The op's arguments; their floating-point tensors are made leaves that require grad.
     """
-    fn = case.fla() if impl == "fla" else case.op
+    fn = case.peer() if impl == "peer" else case.op
     diff = [i for i, a in enumerate(args) if isinstance(a, Tensor) and a.is_floating_point()]
     leaves = [a.requires_grad_() if i in diff else a for i, a in enumerate(args)]
     wrt = [leaves[i] for i in diff]
-    set_backend_preference("auto" if impl == "fla" else impl)
+    set_backend_preference("auto" if impl == "peer" else impl)
     try:
         with torch.no_grad():
             cots = [torch.randn_like(o) for o in fn(*args)]
@@ -286,24 +297,24 @@ def run_checks(cases: list[OpCase], dtype: torch.dtype, quick: bool) -> bool:
     return ok
 
 
-def time_shape(case: OpCase, b: int, t: int, dtype: torch.dtype, fla: bool, notes: list[str]) -> dict:
+def time_shape(case: OpCase, b: int, t: int, dtype: torch.dtype, peer: bool, notes: list[str]) -> dict:
     """Times each implementation of the case at (B, T) on one set of inputs.
 
     Returns:
         ``{"floor": (fwd µs, fwd+bwd µs), impl: result}`` for our backend, ``"reference"`` and
-        ``"fla"``; a result is :func:`time_case`'s dict, or a word saying why there is none.
+        ``"peer"``; a result is :func:`time_case`'s dict, or a word saying why there is none.
         A failure is added to ``notes``.
     """
     gen = torch.Generator(device="cuda").manual_seed(b * 7919 + t)
     args = case.inputs(b, t, dtype, gen, case.width)
-    out: dict = {"floor": tuple(x / HBM_BYTES_PER_S * 1e6 for x in case.floor_bytes(args)), REFERENCE: "—", "fla": "—"}
+    out: dict = {"floor": tuple(x / HBM_BYTES_PER_S * 1e6 for x in case.floor_bytes(args)), REFERENCE: "—", "peer": "—"}
     impls = [case.backend]
     if isinstance(case.op, ScanOp) and case.reference_max_t:
         impls += [REFERENCE] if t <= case.reference_max_t else []
         out[REFERENCE] = f"skip (T > {case.reference_max_t})"
-    if case.fla is not None:
-        impls += ["fla"] if fla else []
-        out["fla"] = "n/a"
+    if case.peer is not None:
+        impls += ["peer"] if peer else []
+        out["peer"] = "n/a"
     for impl in impls:
         try:
             out[impl] = time_case(case, impl, args)
@@ -327,27 +338,29 @@ def run_timings(cases: list[OpCase], dtype: torch.dtype, quick: bool) -> bool:
         f"floor = bytes / {HBM_BYTES_PER_S / 1e12:.2f} TB/s; ref = the op's reference backend)"
     )
     head = (
-        "| op | backend | B | T | dims | fwd | fwd+bwd | peak MiB | ref fwd | ref fwd+bwd | fla fwd | fla fwd+bwd "
-        "| fla peak MiB | floor fwd | floor fwd+bwd | target fwd+bwd |"
+        "| op | backend | B | T | dims | fwd | fwd+bwd | peak MiB | ref fwd | ref fwd+bwd | peer | peer fwd "
+        "| peer fwd+bwd | peer peak MiB | floor fwd | floor fwd+bwd | target fwd+bwd |"
     )
     rows, notes, ok = [head, "|" + "---|" * head.count(" | ") + "---|"], [], True
     print(f"\n{title}, as they come\n" + "\n".join(rows), flush=True)
     for case in cases:
-        fla = case.fla is not None
-        if fla:
+        peer = case.peer is not None
+        if peer:
             try:
-                case.fla()
+                case.peer()
             except Exception as e:  # not installed, or an fla that does not import here
-                fla = False
-                notes.append(f"{case.name}: fla not timed ({type(e).__name__}: {e})")
+                peer = False
+                notes.append(f"{case.name}: {case.peer_name} not timed ({type(e).__name__}: {e})")
         for i, (b, t) in enumerate(case.shapes[:1] if quick else case.shapes):
-            r = time_shape(case, b, t, dtype, fla, notes)
+            r = time_shape(case, b, t, dtype, peer, notes)
             ok &= isinstance(r[case.backend], dict)
             target = f"≤ {case.target_us:.0f}" if case.target_us and i == 0 else ""
             ours = _cells(r[case.backend], ("fwd", "fwd+bwd", "peak_mib"))
-            ref, fla_cells = _cells(r[REFERENCE], ("fwd", "fwd+bwd")), _cells(r["fla"], ("fwd", "fwd+bwd", "peak_mib"))
+            ref = _cells(r[REFERENCE], ("fwd", "fwd+bwd"))
+            peer_cells = [case.peer_name if case.peer is not None else "—",
+                          *_cells(r["peer"], ("fwd", "fwd+bwd", "peak_mib"))]  # fmt: skip
             floor = [f"{x:.1f}" for x in r["floor"]]
-            row = [case.name, case.backend, str(b), str(t), case.dims, *ours, *ref, *fla_cells, *floor, target]
+            row = [case.name, case.backend, str(b), str(t), case.dims, *ours, *ref, *peer_cells, *floor, target]
             rows.append("| " + " | ".join(row) + " |")
             print(rows[-1], flush=True)
     print("\n".join(["", title, *rows, "", *notes]))
@@ -358,7 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     """Parses the arguments, runs the checks, the sweeps and the timings; returns the exit status."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--ops", default="", help="comma-separated op names (default: all): "
-                        "longhorn, mamba, gla, retnet, rwkv, sdpa")  # fmt: skip
+                        "longhorn, mamba, conv, gla, retnet, rwkv, sdpa")  # fmt: skip
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
     parser.add_argument("--quick", action="store_true", help="only the first shape and the first check of each op")
     parser.add_argument("--sweep", action="store_true", help="also time each launch setting of the fast backends")

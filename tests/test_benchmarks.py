@@ -29,9 +29,10 @@ def test_case_inputs_run_through_the_op_and_floor_grows_with_length(case: bench.
 
 def test_cases_cover_every_scan_op_and_the_attention_row() -> None:
     cases = bench.build_cases()
-    assert [c.name for c in cases] == ["longhorn", "mamba", "gla", "retnet", "rwkv", "sdpa"]
+    assert [c.name for c in cases] == ["longhorn", "mamba", "conv", "gla", "retnet", "rwkv", "sdpa"]
     assert all(c.checks and c.sweep and c.reference_max_t for c in cases[:-1])
-    assert [c.name for c in cases if c.fla is not None] == ["gla", "retnet", "rwkv"]
+    assert [(c.name, c.peer_name) for c in cases if c.peer is not None] == [
+        ("conv", "F.conv1d"), ("gla", "fla"), ("retnet", "fla"), ("rwkv", "fla")]
 
 
 @pytest.mark.parametrize("case", bench.build_cases(), ids=lambda c: c.name)
@@ -85,6 +86,24 @@ def test_linear_attention_sweep_restores_the_launch_settings() -> None:
     before = ops.CHUNK_PER_HEAD, ops.NUM_WARPS_CHUNK
     labels = list(case.sweep(4, 2048))
     assert len(labels) > 1 and (ops.CHUNK_PER_HEAD, ops.NUM_WARPS_CHUNK) == before
+
+
+def test_conv_peer_is_the_op_when_there_are_no_resets() -> None:
+    case = next(c for c in bench.build_cases() if c.name == "conv")
+    args = case.inputs(2, 24, torch.float32, torch.Generator().manual_seed(0), 8)
+    args[4] = None
+    for got, want in zip(case.peer()(*args), case.op(*args)):
+        torch.testing.assert_close(got, want)
+
+
+def test_conv_sweep_pins_each_config_and_restores_the_kernels() -> None:
+    pytest.importorskip("triton")
+    from longhorn_zoo.plugins.selective_scan import conv_triton as ct
+
+    case = next(c for c in bench.build_cases() if c.name == "conv")
+    before = ct._fwd, ct._bwd
+    pinned = [len(ct._fwd.kernel.configs) for _ in case.sweep(8, 2048)]
+    assert pinned == [1] * (len(ct.FWD_CONFIGS) * len(ct.BWD_CONFIGS)) and (ct._fwd, ct._bwd) == before
 
 
 def test_help_and_option_errors_need_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:

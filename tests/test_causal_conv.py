@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -188,18 +189,17 @@ def check_backend(args: list, activation: str, tol_out: float, tol_grad: float, 
 
 
 @pytest.fixture
-def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
+def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """The kernels in the interpreter with small tiles, one config each (no autotuning), chunks of 16 steps."""
     if not is_interpreted(KERNELS, "conv_fwd_kernel"):
         pytest.skip("the Triton kernels were compiled for a GPU in this process")
     use_interpreter(monkeypatch)
     from longhorn_zoo.plugins.selective_scan import conv_triton
-    from longhorn_zoo.plugins.selective_scan import conv_triton_kernels as kern
 
-    monkeypatch.setattr(conv_triton, "_fwd", conv_triton._autotuned(kern.conv_fwd_kernel, [(8, 32, 1)]))
-    monkeypatch.setattr(conv_triton, "_bwd", conv_triton._autotuned(kern.conv_bwd_kernel, [(8, 32, 1)]))
     monkeypatch.setattr(conv_triton, "CHUNK_MULTIPLE", 16)
     monkeypatch.setattr(conv_triton, "MIN_BWD_PROGRAMS", 1 << 20)
+    with conv_triton.use_configs([(8, 32, 1)], [(8, 32, 1)]):
+        yield
 
 
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -9,13 +9,12 @@ partial chunk. With CUDA the same checks run at real sizes in bf16 and fp32, plu
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from triton_interpreter import import_interpreted, is_interpreted, use_interpreter
 
 from longhorn_zoo.ops import define_scan_op
 
@@ -23,43 +22,17 @@ pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reas
 
 CUDA = torch.cuda.is_available()
 KERNELS = "longhorn_zoo.plugins.linear_attention.triton_chunk_kernels"
-
-if not CUDA and importlib.util.find_spec("triton") is not None and KERNELS not in sys.modules:
-    # The interpreter is chosen when the kernels are decorated, so set it just for that import.
-    _saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    importlib.import_module(KERNELS)
-    if _saved is None:
-        del os.environ["TRITON_INTERPRET"]
-    else:
-        os.environ["TRITON_INTERPRET"] = _saved
-
-
-def _interpreted() -> bool:
-    if KERNELS not in sys.modules:
-        return False
-    from triton.runtime.interpreter import InterpretedFunction
-
-    return isinstance(sys.modules[KERNELS]._fwd_state, InterpretedFunction)
+import_interpreted(KERNELS)
 
 
 @pytest.fixture
 def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Tiny chunks, and triton 3.6's interpreter made to work with numpy >= 2.4 (int() of a 1-element array)."""
-    if not _interpreted():
+    """The kernels in the interpreter, with tiny chunks."""
+    if not is_interpreted(KERNELS, "_fwd_state"):
         pytest.skip("the Triton kernels were compiled for a GPU in this process")
-    import triton.runtime.interpreter as interp
-
     from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
 
-    original = interp._patch_lang_tensor
-
-    def patch(tensor, scope):
-        original(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    monkeypatch.setattr(interp, "_patch_lang_tensor", patch)
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # Triton consults it again when launching
+    use_interpreter(monkeypatch)
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 16)
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", 16)
 

@@ -10,6 +10,9 @@ in_proj's output, row stride 2E); nothing is copied but the (B, T) reset mask, a
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 import torch
 import triton
 from torch import Tensor
@@ -36,6 +39,21 @@ def _autotuned(kernel, configs: list[tuple[int, int, int]]):
 
 _fwd = _autotuned(kern.conv_fwd_kernel, FWD_CONFIGS)
 _bwd = _autotuned(kern.conv_bwd_kernel, BWD_CONFIGS)
+
+
+@contextlib.contextmanager
+def use_configs(fwd: list[tuple[int, int, int]], bwd: list[tuple[int, int, int]]) -> Iterator[None]:
+    """Inside the block the kernels choose among these (BT, BE, warps) configs only (one: no autotuning).
+
+    Every backward BT must divide :data:`CHUNK_MULTIPLE`.
+    """
+    global _fwd, _bwd
+    saved = _fwd, _bwd
+    _fwd, _bwd = _autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_kernel, bwd)
+    try:
+        yield
+    finally:
+        _fwd, _bwd = saved
 
 
 def _pow2(n: int) -> int:
