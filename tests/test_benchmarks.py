@@ -101,9 +101,10 @@ def test_conv_sweep_pins_each_config_and_restores_the_kernels() -> None:
     from longhorn_zoo.plugins.selective_scan import conv_triton as ct
 
     case = next(c for c in bench.build_cases() if c.name == "conv")
-    before = ct._fwd, ct._bwd
-    pinned = [len(ct._fwd.kernel.configs) for _ in case.sweep(8, 2048)]
-    assert pinned == [1] * (len(ct.FWD_CONFIGS) * len(ct.BWD_CONFIGS)) and (ct._fwd, ct._bwd) == before
+    before = ct._fwd, ct._bwd_gate, ct._bwd_input
+    pinned = [(len(ct._fwd.kernel.configs), len(ct._bwd_gate.kernel.configs)) for _ in case.sweep(8, 2048)]
+    assert pinned == [(1, 1)] * (len(ct.FWD_CONFIGS) * len(ct.BWD_CONFIGS))
+    assert (ct._fwd, ct._bwd_gate, ct._bwd_input) == before
 
 
 def test_help_and_option_errors_need_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:

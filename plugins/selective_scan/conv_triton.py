@@ -23,7 +23,8 @@ from longhorn_zoo.plugins.selective_scan import conv_triton_kernels as kern
 FWD_CONFIGS = [(32, 128, 4), (64, 128, 4), (64, 256, 8)]
 """(BT steps, BE channels, warps) the forward's autotuner tries."""
 BWD_CONFIGS = [(16, 128, 4), (32, 128, 8), (16, 256, 8)]
-"""(BT steps, BE channels, warps) the backward's autotuner tries; every BT divides CHUNK_MULTIPLE."""
+"""(BT steps, BE channels, warps) the backward's first pass tries; every BT divides CHUNK_MULTIPLE.
+Its second pass (dx from g) tries the forward's."""
 CHUNK_MULTIPLE = 64
 """The backward's chunk of steps per program is a multiple of this (so of every BT)."""
 MIN_BWD_PROGRAMS = 1024
@@ -38,7 +39,8 @@ def _autotuned(kernel, configs: list[tuple[int, int, int]]):
 
 
 _fwd = _autotuned(kern.conv_fwd_kernel, FWD_CONFIGS)
-_bwd = _autotuned(kern.conv_bwd_kernel, BWD_CONFIGS)
+_bwd_gate = _autotuned(kern.conv_bwd_gate_kernel, BWD_CONFIGS)
+_bwd_input = _autotuned(kern.conv_bwd_input_kernel, FWD_CONFIGS)
 
 
 @contextlib.contextmanager
@@ -47,13 +49,14 @@ def use_configs(fwd: list[tuple[int, int, int]], bwd: list[tuple[int, int, int]]
 
     Every backward BT must divide :data:`CHUNK_MULTIPLE`.
     """
-    global _fwd, _bwd
-    saved = _fwd, _bwd
-    _fwd, _bwd = _autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_kernel, bwd)
+    global _fwd, _bwd_gate, _bwd_input
+    saved = _fwd, _bwd_gate, _bwd_input
+    _fwd, _bwd_gate, _bwd_input = (_autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_gate_kernel, bwd),
+                                   _autotuned(kern.conv_bwd_input_kernel, fwd))
     try:
         yield
     finally:
-        _fwd, _bwd = saved
+        _fwd, _bwd_gate, _bwd_input = saved
 
 
 def _pow2(n: int) -> int:
@@ -116,11 +119,20 @@ def conv_bwd(
     df = d_final_state
     df_strides = (0, 0, 0) if df is None else df.stride()
 
-    def grid(m: dict) -> tuple[int, int, int]:
+    g = x.new_empty(bsz, seqlen, chans, dtype=torch.float32)
+    x_ptrs, x_strides = ptrs[:5], strides
+
+    def gate_grid(m: dict) -> tuple[int, int, int]:
         return triton.cdiv(chans, m["BE"]), nchunks, bsz
 
-    _bwd[grid](*ptrs, dy, dy if df is None else df, dx, ds0, part, seqlen, chans, ct, *strides, *dy.stride(),
-               *df_strides, KP2=_pow2(ksize), HAS_DST=df is not None, **meta)  # fmt: skip
+    def input_grid(m: dict) -> tuple[int, int, int]:
+        return triton.cdiv(seqlen, m["BT"]), triton.cdiv(chans, m["BE"]), bsz
+
+    _bwd_gate[gate_grid](*x_ptrs, dy, g, part, seqlen, chans, ct, *x_strides, *dy.stride(), KP2=_pow2(ksize),
+                         **meta)  # fmt: skip
+    _bwd_input[input_grid](ptrs[1], ptrs[4], g, dy if df is None else df, dx, ds0, seqlen, chans,
+                           *weight.stride(), *df_strides, K=meta["K"], KP=meta["KP"], HAS_STATE=meta["HAS_STATE"],
+                           HAS_RESET=meta["HAS_RESET"], HAS_DST=df is not None)  # fmt: skip
     sums = part.sum(0)
     dw = sums[:ksize].t().contiguous().to(weight.dtype)
     db = sums[ksize].to(weight.dtype if bias is None else bias.dtype)
