@@ -21,10 +21,15 @@ mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())" \
     | tee "$OUT/info.txt"
-python -m longhorn_zoo.plugins.selective_scan.cuda --build >"$OUT/ext.log" 2>&1 || { cat "$OUT/ext.log"; exit 1; }
+# The selective-scan extension builds while the first (Llama) job trains.
+python -m longhorn_zoo.plugins.selective_scan.cuda --build >"$OUT/ext.log" 2>&1 & EXT=$!
 for shape in $SHAPES; do
     seq=${shape%x*} mb=${shape#*x}
     for model in $MODELS; do
+        if [[ $model != llama && -n ${EXT:-} ]]; then
+            wait "$EXT" || { cat "$OUT/ext.log"; exit 1; }
+            EXT=
+        fi
         name=${model}_${seq}x${mb}
         rm -rf "${OUT:?}/$name"
         # shellcheck disable=SC2086

@@ -22,13 +22,14 @@ from longhorn_zoo.plugins.selective_scan import conv_triton_kernels as kern
 
 FWD_CONFIGS = [(32, 128, 4), (64, 128, 4), (64, 256, 8)]
 """(BT steps, BE channels, warps) the forward's autotuner tries."""
-BWD_CONFIGS = [(16, 128, 4), (32, 128, 8), (16, 256, 8)]
+BWD_CONFIGS = [(16, 128, 4), (32, 128, 8), (16, 256, 8), (8, 128, 4), (8, 256, 4), (16, 64, 2), (32, 64, 4)]
 """(BT steps, BE channels, warps) the backward's first pass tries; every BT divides CHUNK_MULTIPLE.
 Its second pass (dx from g) tries the forward's."""
 CHUNK_MULTIPLE = 64
 """The backward's chunk of steps per program is a multiple of this (so of every BT)."""
-MIN_BWD_PROGRAMS = 1024
-"""The backward splits time into chunks until about this many programs run (at 128 channels a program)."""
+MIN_BWD_PROGRAMS = 8192
+"""The backward's first pass splits time into chunks until about this many programs run (at 128 channels a
+program): each program loops over its chunk, so short chunks keep more loads in flight."""
 
 
 def _autotuned(kernel, configs: list[tuple[int, int, int]]):
