@@ -241,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_command(argv: list[str] | None = None) -> int:
+    """:func:`main`, ending a successful multi-process run with :func:`_exit_after_distributed_run`."""
+    status = main(argv)
+    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed_run(status)
+    return status
+
+
 def _exit_after_distributed_run(code: int) -> None:
     """Ends a process of a multi-process run without interpreter finalization.
 
@@ -257,7 +265,4 @@ def _exit_after_distributed_run(code: int) -> None:
 
 
 if __name__ == "__main__":
-    status = main()
-    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_after_distributed_run(status)
-    sys.exit(status)
+    sys.exit(run_command())
