@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Launch training with torchrun, on one node or several.
 #
-#   ./run_train.sh [CONFIG.toml] [--section.key value ...]
+#   ./run_train.sh [CONFIG] [--section.key value ...]
 #
-# CONFIG defaults to train_configs/debug_longhorn.toml; every further argument is a
-# config override passed to `python -m longhorn_zoo.train`. Environment variables:
+# CONFIG is a TOML file or the name of a shipped config (debug_llama, longhorn_1b, ...); without
+# it, $CONFIG_FILE, else train_configs/debug_longhorn.toml. Every further argument is a config
+# override passed to `python -m longhorn_zoo.train`. Environment variables:
 #
+#   CONFIG_FILE    the config when no CONFIG argument is given
+#   LOG_RANK       comma-separated local ranks whose output is shown (default 0)
 #   NGPU           processes per node (default 1): one per GPU; with no GPU the run is
 #                  on CPU with gloo and NGPU is the number of CPU processes
 #   NNODES         number of nodes (default 1)
@@ -16,6 +19,7 @@
 #
 # Examples:
 #   ./run_train.sh                                            # debug Longhorn, 1 process
+#   CONFIG_FILE=train_configs/debug_gla.toml ./run_train.sh --training.steps 20
 #   NGPU=8 ./run_train.sh train_configs/llama_1b.toml --compile.enable true
 #   NGPU=8 NNODES=2 NODE_RANK=0 RDZV_ENDPOINT=node0:29500 ./run_train.sh train_configs/longhorn_1b.toml \
 #       --parallelism.data_parallel_replicate_degree 2     # HSDP: replicate across the 2 nodes
@@ -28,10 +32,14 @@ NNODES=${NNODES:-1}
 NODE_RANK=${NODE_RANK:-0}
 RDZV_ENDPOINT=${RDZV_ENDPOINT:-localhost:29500}
 RDZV_ID=${RDZV_ID:-longhorn_zoo}
-CONFIG_FILE=train_configs/debug_longhorn.toml
+LOG_RANK=${LOG_RANK:-0}
+CONFIG_FILE=${CONFIG_FILE:-train_configs/debug_longhorn.toml}
 if [[ $# -gt 0 && $1 != --* ]]; then
     CONFIG_FILE=$1
     shift
+fi
+if [[ -f $CONFIG_FILE ]]; then
+    CONFIG_FILE=$(realpath "$CONFIG_FILE")  # a file relative to the caller's folder, before the cd below
 fi
 
 cd "$(dirname "$0")"
@@ -44,5 +52,5 @@ fi
 # NCCL's NVLink multicast (NVLS) stays off unless the caller turns it on.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
 exec python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NGPU" "${RDZV[@]}" \
-    --local-ranks-filter 0 --role rank --tee 3 \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
     -m longhorn_zoo.train "$CONFIG_FILE" "$@"

@@ -68,10 +68,13 @@ def test_print_config_round_trips(tmp_path):
 
 
 def test_every_shipped_config_loads():
-    configs = sorted(Path(__file__).parents[1].glob("train_configs/*.toml"))
-    assert configs
-    for path in configs:
-        load_config(path)
+    """The package's configs (what a wheel installs) are the repo's train_configs/*.toml, and all load."""
+    from longhorn_zoo import train_configs
+
+    names = train_configs.names()
+    assert names == sorted(p.stem for p in Path(__file__).parents[1].glob("train_configs/*.toml"))
+    for name in names:
+        load_config(train_configs.path_of(name))
 
 
 def test_help_lists_every_option_with_its_doc():
@@ -113,3 +116,51 @@ def test_docs_configs_table_matches_the_configs():
         if built != documented:
             stale.append(f"{m.group(1)}: documented {documented}, built {built}")
     assert not stale, "docs/configs.md is stale:\n" + "\n".join(stale)
+
+
+def test_bare_boolean_flags_and_their_negation():
+    cfg = load_config(None, ["--checkpoint.enable", "--training.steps", "3", "--no-model.mlp",
+                             "--metrics.enable_jsonl"])
+    assert (cfg.checkpoint.enable, cfg.model.mlp, cfg.metrics.enable_jsonl, cfg.training.steps) == (True, False,
+                                                                                                   True, 3)
+    assert load_config(None, ["--checkpoint.enable", "false"]).checkpoint.enable is False
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--training.steps"], r"--training.steps needs a value"),
+        (["--training.steps", "--checkpoint.enable"], r"--training.steps needs a value"),
+        (["--no-training.steps"], r"only boolean keys take --no-; --training.steps is int"),
+        (["--no-checkpoint.enable=true"], r"--no-checkpoint.enable takes no value"),
+    ],
+)
+def test_flags_without_values_are_clear_errors(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_config_file_option_anywhere_and_shipped_configs_by_name(tmp_path):
+    path = write(tmp_path, "[training]\nsteps = 3\n")
+    for argv in (["--training.seed", "4", "--job.config_file", str(path)],
+                 ["--training.seed", "4", f"--job.config_file={path}"], [str(path), "--training.seed", "4"]):
+        cfg, _ = parse_args(argv)
+        assert (cfg.training.steps, cfg.training.seed) == (3, 4), argv
+    by_name, _ = parse_args(["debug_longhorn"])
+    by_option, _ = parse_args(["--training.seed", "1", "--job.config_file", "debug_longhorn.toml"])
+    assert by_name.job.dump_folder == by_option.job.dump_folder == "./outputs/debug_longhorn"
+    assert by_option.training.seed == 1 and by_name.model.dim == 128
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["debug_longhron"], r"no shipped config named 'debug_longhron'.*Did you mean debug_longhorn"),
+        (["no/such/file.toml"], r"config file no/such/file.toml does not exist"),
+        (["debug_llama", "--job.config_file", "debug_gla"], r"more than one config file"),
+        (["--training.seed", "1", "--job.config_file"], r"--job.config_file needs a value"),
+    ],
+)
+def test_bad_config_arguments_are_clear_errors(argv, match):
+    with pytest.raises(ConfigError, match=match):
+        parse_args(argv)

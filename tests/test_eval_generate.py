@@ -71,7 +71,7 @@ def test_eval_command_prints_extrapolation_table(runs, capsys, tmp_path):
     lengths = [int(line.split()[0]) for line in out.splitlines() if line.strip().endswith(tuple("0123456789"))
                and line.split()[0].isdigit()]
     assert lengths == [16, 32, 64, 128, 256]
-    assert list((tmp_path / "tb_eval").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tb_eval").glob("*/events.out.tfevents.*"))
 
 
 def test_mqar_sweep_reports_accuracy_per_pairs_and_length(tmp_path):

@@ -1,4 +1,5 @@
-"""CUDA selective-scan kernels (csrc/): they compile (CPU CI) and match the float64 reference (GPU)."""
+"""CUDA selective-scan kernels (csrc/): installed with the package, they compile (CPU CI) and match the
+float64 reference (GPU). The compile check reads the sources the JIT build reads, from the installed package."""
 
 from __future__ import annotations
 
@@ -15,9 +16,29 @@ from torch import Tensor
 
 from longhorn_zoo.plugins.longhorn.ops import longhorn_scan_reference
 from longhorn_zoo.plugins.mamba.ops import mamba_scan_reference
+from longhorn_zoo.plugins.selective_scan import cuda
 
-CSRC = Path(__file__).resolve().parents[1] / "csrc"
+CSRC = cuda.CSRC  # the installed package's csrc (the checkout's csrc/ for an editable install)
+REPO_CSRC = Path(__file__).resolve().parents[1] / "csrc"
 NVCC = shutil.which("nvcc")
+CUDA_SUFFIXES = (".cu", ".cuh", ".h", ".cpp")
+
+
+def test_the_installed_package_holds_every_cuda_source():
+    installed = {f.name: f.read_bytes() for f in cuda.source_files()}
+    assert set(installed) == {p.name for p in CSRC.iterdir() if p.suffix in CUDA_SUFFIXES}  # the build reads all
+    if REPO_CSRC.is_dir():  # tests run from a checkout or an sdist: the package carries the same files
+        assert installed == {p.name: p.read_bytes() for p in REPO_CSRC.iterdir() if p.suffix in CUDA_SUFFIXES}
+
+
+def test_missing_sources_are_an_error_not_a_fallback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "binding.cpp").write_text("")
+    monkeypatch.setattr(cuda, "CSRC", tmp_path)
+    monkeypatch.setattr(cuda, "load_extension", cuda.load_extension.__wrapped__)  # past any cached build
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(cuda.MissingSourcesError, match=r"sources combine\.cu, .*selective_scan\.cuh are missing "
+                                                       r"from .*op_backend reference"):
+        cuda.is_available.__wrapped__()
 
 
 def _nvcc_top() -> Path:

@@ -26,7 +26,7 @@ def test_loss_falls_and_tensorboard_events_are_written(tmp_path, mixer):
     start = train(first)["loss/train"]
     end = train(cfg)["loss/train"]
     assert end < start - 0.5, (start, end)
-    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+    assert list((tmp_path / "tb").glob("*/events.out.tfevents.*"))
 
 
 def test_same_seed_repeats_the_run_exactly(tmp_path):

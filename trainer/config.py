@@ -95,7 +95,7 @@ class Training:
 class Data:
     dataset: str = opt("bytes", "Data source: bytes (byte-level LM on the embedded corpus), mqar "
                        "(multi-query associative recall), text (tokenize `source` on the fly) or shards "
-                       "(token shards from data/prepare.py; the fast path). See docs/data.md.",
+                       "(token shards from longhorn-zoo prepare; the fast path). See docs/data.md.",
                        choices=("bytes", "mqar", "text", "shards"))
     mqar_num_kv_pairs: int = opt(8, "MQAR: key-value pairs per sequence.")
     mqar_vocab_size: int = opt(64, "MQAR: tokens used for keys and for values (each half of the range).")
@@ -113,7 +113,7 @@ class Data:
     val_docs: int = opt(1000, "text: leading train documents held out for validation when val_split is empty.")
     tokenizer: str = opt("gpt2", "text: bytes (EOS = NUL, vocab 256), a tiktoken encoding (gpt2, r50k_base, "
                          "cl100k_base, o200k_base) or a local .tiktoken file. shards record their own.")
-    shard_dir: str = opt("", "shards: the folder data/prepare.py wrote (with train/ and val/ inside).")
+    shard_dir: str = opt("", "shards: the folder longhorn-zoo prepare wrote (with train/ and val/ inside).")
     shuffle: bool = opt(True, "shards: visit the sequences in a seeded random order each epoch.")
     document_boundaries: bool = opt(False, "text, shards: keep the documents packed into a row apart: every "
                                     "mixer restarts its state (and short convs) where a document starts, and "
@@ -177,9 +177,12 @@ class Float8:
 
 @dataclass
 class Metrics:
-    log_freq: int = opt(10, "Steps between console and TensorBoard logs.")
-    enable_tensorboard: bool = opt(True, "Write TensorBoard events under <dump_folder>/<save_tb_folder>.")
-    save_tb_folder: str = opt("tb", "TensorBoard folder, relative to the dump folder.")
+    log_freq: int = opt(10, "Steps between console and TensorBoard logs (the first and last steps are logged too).")
+    enable_tensorboard: bool = opt(True, "Write TensorBoard events to a new folder per run, "
+                                   "<dump_folder>/<save_tb_folder>/<YYYYmmdd-HHMMSS>.")
+    save_tb_folder: str = opt("tb", "Parent of the runs' TensorBoard folders, relative to the dump folder.")
+    enable_wandb: bool = opt(False, "Also log the same scalars to Weights & Biases (needs the wandb package; "
+                             "project from $WANDB_PROJECT, default longhorn-zoo; WANDB_MODE=offline works).")
     enable_jsonl: bool = opt(False, "Also append each log step's metrics as a JSON line to "
                              "<dump_folder>/metrics.jsonl (exact floats, for tests and scripts).")
 
@@ -300,8 +303,17 @@ def _load_toml(path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid TOML: {e}") from e
 
 
+def _is_flag(args: list[str], i: int) -> bool:
+    """Whether ``args[i]`` is given bare: the last argument, or followed by another option."""
+    return i + 1 >= len(args) or args[i + 1].startswith("--")
+
+
 def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
-    """Parse ``--section.key value`` / ``--section.key=value`` pairs into a nested table."""
+    """Parse ``--section.key value``, ``--section.key=value`` and bare boolean flags into a nested table.
+
+    A bare ``--section.key`` (last, or followed by another option) sets a boolean key to true and
+    ``--no-section.key`` sets it to false; any other key needs a value.
+    """
     sections = _sections()
     table: dict[str, dict[str, Any]] = {}
     i = 0
@@ -309,12 +321,16 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
         arg = overrides[i]
         if not arg.startswith("--") or "." not in arg:
             raise ConfigError(f"unexpected argument {arg!r}; overrides take the form --section.key value")
+        negated = arg.startswith("--no-")
         if "=" in arg:
+            if negated:
+                raise ConfigError(f"{arg.split('=', 1)[0]} takes no value (it means false)")
             dotted, text = arg[2:].split("=", 1)
             i += 1
+        elif negated or _is_flag(overrides, i):
+            dotted, text = arg[5:] if negated else arg[2:], "false" if negated else None
+            i += 1
         else:
-            if i + 1 >= len(overrides):
-                raise ConfigError(f"{arg} needs a value")
             dotted, text = arg[2:], overrides[i + 1]
             i += 2
         parts = dotted.split(".")
@@ -323,7 +339,7 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
             raise ConfigError(f"--{dotted}: unknown section {sec_name!r}; valid sections: {', '.join(sections)}."
                               + _suggest(sec_name, list(sections)))
         if len(parts) == 3 and parts[:2] == ["model", "mixer"]:
-            table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _CliText(text)
+            table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _CliText("true" if text is None else text)
             continue
         if len(parts) != 2:
             raise ConfigError(f"--{dotted}: expected --section.key")
@@ -332,7 +348,12 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
         if key not in hints:
             raise ConfigError(f"--{dotted}: unknown key {key!r} of [{sec_name}]; valid keys: {', '.join(hints)}."
                               + (_elsewhere(key) or _suggest(key, list(hints))))
-        table.setdefault(sec_name, {})[key] = _parse_cli_value(f"--{dotted}", text, hints[key])
+        if hints[key] is not bool and negated:
+            raise ConfigError(f"{arg}: only boolean keys take --no-; --{dotted} is {hints[key].__name__}")
+        if hints[key] is not bool and text is None:
+            raise ConfigError(f"--{dotted} needs a value: --{dotted} VALUE")
+        value = True if text is None else _parse_cli_value(f"--{dotted}", text, hints[key])
+        table.setdefault(sec_name, {})[key] = value
     return table
 
 
@@ -429,24 +450,59 @@ def help_text() -> str:
     return "\n".join(out)
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
-    """Parse ``[--job.config_file PATH | PATH] [--print-config] [--section.key value ...]``.
+def _pop_config_file(argv: list[str]) -> str | None:
+    """Remove the config file from ``argv`` and return it: a leading path or name, or ``--job.config_file``.
 
-    Returns the config and whether ``--print-config`` was given. ``--help`` prints
-    every option and exits.
+    ``--job.config_file PATH`` (or ``=PATH``) may stand anywhere among the overrides.
     """
+    found = [i for i, a in enumerate(argv) if a == "--job.config_file" or a.startswith("--job.config_file=")]
+    if argv and not argv[0].startswith("--"):
+        found.insert(0, -1)
+    if len(found) > 1:
+        raise ConfigError("more than one config file given; pass one path or name, or one --job.config_file")
+    if not found:
+        return None
+    i = found[0]
+    if i == -1:
+        return argv.pop(0)
+    arg = argv.pop(i)
+    if "=" in arg:
+        return arg.split("=", 1)[1]
+    if i >= len(argv) or argv[i].startswith("--"):
+        raise ConfigError("--job.config_file needs a value: a TOML file or the name of a shipped config")
+    return argv.pop(i)
+
+
+USAGE = """usage: python -m longhorn_zoo.train [CONFIG] [--print-config] [--section.key VALUE ...]
+       longhorn-zoo train [CONFIG] [--print-config] [--section.key VALUE ...]
+
+Trains a causal LM whose sequence mixer comes from a plugin, in one process (run_train.sh or
+torchrun for several). CONFIG is a TOML file or the name of a shipped config ({names}); it may
+also be given anywhere as --job.config_file CONFIG. Boolean keys also take a bare flag:
+--checkpoint.enable means true, --no-checkpoint.enable false. Precedence: command line > CONFIG >
+the mixer plugin's defaults > the defaults below. Options, by TOML section:
+"""
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[JobConfig, bool]:
+    """Parse ``[CONFIG] [--print-config] [--section.key value ...]`` (see :data:`USAGE`).
+
+    CONFIG is a path or a shipped config's name (:func:`longhorn_zoo.train_configs.resolve`).
+    Returns the config and whether ``--print-config`` was given. ``--help`` prints every option
+    and exits.
+    """
+    from longhorn_zoo import train_configs
+
     argv = list(sys.argv[1:] if argv is None else argv)
     if "-h" in argv or "--help" in argv:
-        print("usage: python -m longhorn_zoo.train [CONFIG.toml] [--print-config] [--section.key VALUE ...]\n\n"
-              "Trains a causal LM whose sequence mixer comes from a plugin. Options, by TOML section:\n")
+        print(USAGE.format(names=", ".join(train_configs.names())))
         print(help_text())
         raise SystemExit(0)
     print_config = "--print-config" in argv
     argv = [a for a in argv if a != "--print-config"]
-    path = None
-    if argv and not argv[0].startswith("--"):
-        path = argv.pop(0)
-    elif len(argv) >= 2 and argv[0] == "--job.config_file":
-        path = argv[1]
-        argv = argv[2:]
+    arg = _pop_config_file(argv)
+    try:
+        path = None if arg is None else train_configs.resolve(arg)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     return load_config(path, argv), print_config

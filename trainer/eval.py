@@ -112,7 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     from torch.utils.tensorboard import SummaryWriter
 
-    writer = SummaryWriter(str(out / "tb_eval"))
+    from longhorn_zoo.metrics import new_run_folder
+
+    writer = SummaryWriter(str(new_run_folder(out / "tb_eval")))
     name = cfg.model.name
     result = {"mixer": name, "n_layers": cfg.model.n_layers, "dim": cfg.model.dim, "dataset": cfg.data.dataset,
               "seq_len": cfg.training.seq_len, "params": model.num_params(),

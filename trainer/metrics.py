@@ -1,9 +1,12 @@
-"""Metrics: one console line per log step, TensorBoard scalars and an optional JSON-lines file.
+"""Metrics: one console line per log step, TensorBoard or Weights & Biases scalars, an optional JSON-lines file.
 
 Every number the trainer reports is computed here. Loss and accuracy are averaged
 over all data-parallel ranks; throughput and memory are this device's (rank 0's).
-TensorBoard scalar names (under ``<dump_folder>/<save_tb_folder>``; the same keys
-in ``<dump_folder>/metrics.jsonl`` with ``metrics.enable_jsonl``, plus ``step``):
+Each run writes its TensorBoard events to a folder of its own,
+``<dump_folder>/<save_tb_folder>/<YYYYmmdd-HHMMSS>``, so that runs sharing a dump folder
+(a resumed run, a repeated one) stay separate runs in TensorBoard. The scalar names
+(the same for W&B, ``metrics.enable_wandb``; the same keys in ``<dump_folder>/metrics.jsonl``
+with ``metrics.enable_jsonl``, plus ``step``):
 
 ==========================  =====================================================
 ``loss/train``              mean training loss over the log interval and all ranks
@@ -19,6 +22,8 @@ in ``<dump_folder>/metrics.jsonl`` with ``metrics.enable_jsonl``, plus ``step``)
 ``time/data_s``             seconds spent waiting for data over the interval
 ==========================  =====================================================
 
+A log step is every ``metrics.log_freq`` steps, the first step of a run and the last.
+
 Forward FLOPs per token come from :func:`longhorn_zoo.model.flops_per_token`, which asks
 each mixer plugin for its count (attention's T-dependent term, a scan's state
 updates), so MFU means the same thing for every mixer.
@@ -27,13 +32,18 @@ updates), so MFU means the same thing for every mixer.
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 import torch.distributed as dist
+
+from longhorn_zoo.config import JobConfig
 
 
 def memory_gib(device: torch.device) -> tuple[float, float]:
@@ -45,19 +55,82 @@ def memory_gib(device: torch.device) -> tuple[float, float]:
     return rss, rss
 
 
-class MetricsLogger:
-    """Accumulates step statistics and writes them every ``log_freq`` steps (rank 0 only)."""
+class ScalarWriter(Protocol):
+    """Where the scalars of a log step go (TensorBoard, W&B)."""
 
-    def __init__(self, tb_dir: Path | None, log_freq: int, rank: int, device: torch.device,
-                 flops_per_token: float, peak_flops: float | None, jsonl: Path | None = None) -> None:
-        self.log_freq, self.rank, self.device = log_freq, rank, device
+    def write(self, scalars: dict[str, float], step: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def new_run_folder(parent: Path) -> Path:
+    """A new folder under ``parent`` named for the current time (``-1``, ``-2``... if it is taken)."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        path = parent / (stamp if n == 0 else f"{stamp}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free run folder for {stamp} under {parent}")
+
+
+class TensorBoardWriter:
+    """TensorBoard events in a new timestamped folder under ``parent`` (:func:`new_run_folder`)."""
+
+    def __init__(self, parent: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.log_dir = new_run_folder(parent)
+        self.writer = SummaryWriter(log_dir=str(self.log_dir))
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        for k, v in scalars.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbWriter:
+    """A Weights & Biases run (``wandb`` imported here, only when enabled).
+
+    The project is ``$WANDB_PROJECT`` (default ``longhorn-zoo``); W&B's own files go under the
+    dump folder; the resolved job config is the run's config. W&B's other environment
+    variables (``WANDB_MODE=offline``, ``WANDB_ENTITY``, ...) apply as usual.
+    """
+
+    def __init__(self, dump_folder: Path, config: dict[str, Any], name: str) -> None:
+        try:
+            import wandb
+        except ImportError:
+            from longhorn_zoo.config import ConfigError
+
+            raise ConfigError("metrics.enable_wandb = true needs the wandb package: pip install wandb "
+                              "(or 'longhorn-zoo[wandb]')") from None
+        dump_folder.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "longhorn-zoo"), dir=str(dump_folder),
+                              config=config, name=name)
+
+    def write(self, scalars: dict[str, float], step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+class MetricsLogger:
+    """Accumulates step statistics and writes them every log step (rank 0 only) to ``writers``."""
+
+    def __init__(self, writers: list[ScalarWriter], rank: int, device: torch.device, flops_per_token: float,
+                 peak_flops: float | None, jsonl: Path | None = None) -> None:
+        self.rank, self.device = rank, device
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.jsonl = jsonl if rank == 0 else None
-        self.writer = None
-        if tb_dir is not None and rank == 0:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(tb_dir))
+        self.writers = writers if rank == 0 else []
         self._reset()
 
     def _reset(self) -> None:
@@ -107,10 +180,8 @@ class MetricsLogger:
             mfu = f"  mfu {out['throughput/mfu_pct']:.1f}%" if "throughput/mfu_pct" in out else ""
             print(f"step {step:6d}  loss {out['loss/train']:.4f}  acc {out['accuracy/train']:.3f}  lr {lr:.2e}  "
                   f"grad_norm {grad_norm:.3f}  tok/s {tps:,.0f}{mfu}  mem {active:.2f}GiB", flush=True)
-            if self.writer is not None:
-                for k, v in out.items():
-                    self.writer.add_scalar(k, v, step)
-                self.writer.flush()
+            for writer in self.writers:
+                writer.write(out, step)
             if self.jsonl is not None:
                 self.jsonl.parent.mkdir(parents=True, exist_ok=True)
                 with self.jsonl.open("a") as f:
@@ -119,11 +190,23 @@ class MetricsLogger:
         return out
 
     def scalar(self, name: str, value: float, step: int) -> None:
-        if self.writer is not None:
-            self.writer.add_scalar(name, value, step)
-            self.writer.flush()
+        for writer in self.writers:
+            writer.write({name: value}, step)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for writer in self.writers:
+            writer.close()
         sys.stdout.flush()
+
+
+def build_metrics_logger(cfg: JobConfig, rank: int, device: torch.device, flops_per_token: float,
+                         peak_flops: float | None) -> MetricsLogger:
+    """The run's metrics logger, with the writers ``[metrics]`` enables (created on rank 0 only)."""
+    m, dump = cfg.metrics, Path(cfg.job.dump_folder)
+    writers: list[ScalarWriter] = []
+    if rank == 0 and m.enable_tensorboard:
+        writers.append(TensorBoardWriter(dump / m.save_tb_folder))
+    if rank == 0 and m.enable_wandb:
+        writers.append(WandbWriter(dump, cfg.to_dict(), cfg.job.description or dump.name))
+    return MetricsLogger(writers, rank, device, flops_per_token, peak_flops,
+                         dump / "metrics.jsonl" if m.enable_jsonl else None)

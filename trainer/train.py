@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from longhorn_zoo.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
 from longhorn_zoo.config import ConfigError, JobConfig, parse_args, to_toml
 from longhorn_zoo.data import IGNORE, build_dataloader, resolve_vocab_size
-from longhorn_zoo.metrics import MetricsLogger
+from longhorn_zoo.metrics import MetricsLogger, build_metrics_logger
 from longhorn_zoo.model import LM, build_model, flops_per_token
 from longhorn_zoo.ops import set_backend_preference
 from longhorn_zoo.optim import build_lr_scheduler, build_optimizer
@@ -191,10 +191,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         ckpt.save(0)
         return {}
     start = ckpt.load()
-    tb_dir = dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None
-    metrics = MetricsLogger(tb_dir, cfg.metrics.log_freq, rank, device, fpt,
-                            H200_BF16_PEAK if device.type == "cuda" else None,
-                            dump / "metrics.jsonl" if cfg.metrics.enable_jsonl else None)
+    metrics = build_metrics_logger(cfg, rank, device, fpt, H200_BF16_PEAK if device.type == "cuda" else None)
     sigterm = SigtermFlag(device)
 
     last: dict[str, float] = {}
@@ -204,7 +201,7 @@ def train(cfg: JobConfig) -> dict[str, float]:
         lr, grad_norm = train_step(model, loader, optimizer, scheduler, cfg, accum, device, autocast, metrics, step,
                                    loss_fn)
         profiler.step(step)
-        if step % cfg.metrics.log_freq == 0 or step == cfg.training.steps:
+        if step % cfg.metrics.log_freq == 0 or step in (start + 1, cfg.training.steps):
             last = metrics.log(step, lr, grad_norm)
         every = cfg.training.eval_interval
         if (every > 0 and step % every == 0) or step == cfg.training.steps:
@@ -244,6 +241,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def run_command(argv: list[str] | None = None) -> int:
+    """:func:`main`, ending a successful multi-process run with :func:`_exit_after_distributed_run`."""
+    status = main(argv)
+    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_after_distributed_run(status)
+    return status
+
+
 def _exit_after_distributed_run(code: int) -> None:
     """Ends a process of a multi-process run without interpreter finalization.
 
@@ -260,7 +265,4 @@ def _exit_after_distributed_run(code: int) -> None:
 
 
 if __name__ == "__main__":
-    status = main()
-    if status == 0 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_after_distributed_run(status)
-    sys.exit(status)
+    sys.exit(run_command())

@@ -1,7 +1,9 @@
 """CUDA backend of the selective scans (Longhorn, Mamba-1): JIT build, backends, backward ops.
 
 The kernels live in ``csrc/`` (one templated code path for both scans, see
-``csrc/selective_scan.cuh``). They are built on first use with
+``csrc/selective_scan.cuh``), installed as the package ``longhorn_zoo.csrc`` and read from
+there wherever the package is installed; an installation without them is an error
+(:class:`MissingSourcesError`), never a silent fallback. They are built on first use with
 ``torch.utils.cpp_extension.load`` (ninja) for the arch of the current GPU and cached under
 ``$LONGHORN_ZOO_BUILD_DIR`` (default ``~/.cache/longhorn_zoo/torch_extensions``), keyed by a
 hash of the sources, the torch version and the arch. Without a GPU or nvcc, the backends
@@ -30,9 +32,19 @@ from torch import Tensor
 
 from longhorn_zoo.ops import Backend, ScanOp
 
-__all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING"]
+__all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING",
+           "MissingSourcesError", "source_files"]
 
-CSRC = Path(str(importlib.resources.files("longhorn_zoo.csrc")))
+
+def _csrc() -> Path:
+    """The installed ``longhorn_zoo/csrc`` folder (where it should be, if the package lacks it)."""
+    try:
+        return Path(str(importlib.resources.files("longhorn_zoo.csrc")))
+    except ModuleNotFoundError:
+        return Path(str(importlib.resources.files("longhorn_zoo"))) / "csrc"
+
+
+CSRC = _csrc()
 SOURCES = ("binding.cpp", "combine.cu", "longhorn_fwd.cu", "longhorn_bwd.cu", "mamba_fwd.cu", "mamba_bwd.cu")
 HEADERS = ("scan_params.h", "selective_scan.cuh")
 LONGHORN, MAMBA = 0, 1
@@ -43,6 +55,27 @@ STATE_SIZE, TILE, BWD_MAX_CHUNK = 16, 16, 112  # BWD_MAX_CHUNK: kBwdMaxChunk in 
 # 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
 # fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md).
 TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 3.0}
+
+
+class MissingSourcesError(RuntimeError):
+    """The CUDA sources are not in the installed package, so the kernels cannot be built."""
+
+
+def source_files() -> list[Path]:
+    """The CUDA sources and headers the JIT build reads, from the installed package.
+
+    Raises:
+        MissingSourcesError: some are missing; the message names them and the fix.
+    """
+    files = [CSRC / name for name in SOURCES + HEADERS]
+    missing = [f.name for f in files if not f.is_file()]
+    if missing:
+        raise MissingSourcesError(
+            f"the selective-scan CUDA sources {', '.join(missing)} are missing from {CSRC}, so the CUDA kernels "
+            "cannot be built: this longhorn-zoo was built without its csrc package data. Reinstall it from a "
+            "complete wheel or sdist (pip install --force-reinstall longhorn-zoo), or train on the reference "
+            "scan, about 1,000x slower, with --model.op_backend reference")
+    return files
 
 
 def _build_dir(tag: str) -> Path:
@@ -64,10 +97,12 @@ def load_extension(verbose: bool = False) -> ModuleType:
     """Build (once, cached on disk) and import the extension for the current GPU.
 
     Raises:
+        MissingSourcesError: the installed package lacks the CUDA sources.
         RuntimeError: no CUDA device, or no nvcc (CUDA toolkit) to build with.
     """
     from torch.utils import cpp_extension
 
+    source_files()
     if not torch.cuda.is_available():
         raise RuntimeError("no CUDA device")
     if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
@@ -102,11 +137,17 @@ def is_available() -> bool:
     """True when the extension builds and loads here; warns once with the reason otherwise.
 
     On a machine with no CUDA device it is simply False, without a warning.
+
+    Raises:
+        MissingSourcesError: on a CUDA machine, when the installed package lacks the sources
+            (a broken installation is an error, not a silent fallback to the slow reference).
     """
     if not torch.cuda.is_available():
         return False
     try:
         load_extension()
+    except MissingSourcesError:
+        raise
     except Exception as e:  # no GPU, no nvcc, a failed build: use the reference
         warnings.warn(f"selective-scan CUDA kernels unavailable ({e}); the reference scan runs instead", stacklevel=2)
         return False

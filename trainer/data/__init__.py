@@ -8,7 +8,7 @@ shards loaders also yield ``reset`` (B, T) bool: True where a new document start
 Where each dataset lives: ``mqar`` and ``bytes`` (``text.py``) are generated or
 embedded; ``text`` streams documents from a source (``sources.py``), tokenizes them
 (``tokenizer.py``) and packs them (``packing.py``); ``shards`` reads token shards
-(``shards.py``) written by ``data/prepare.py`` (``prepare.py``).
+(``shards.py``) written by ``longhorn-zoo prepare`` (``prepare.py``).
 """
 
 from __future__ import annotations

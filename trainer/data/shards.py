@@ -33,7 +33,7 @@ def read_index(folder: Path) -> dict[str, Any]:
     """The parsed ``index.json`` of a prepared split; raises DataError if missing or invalid."""
     path = folder / INDEX
     if not path.is_file():
-        raise DataError(f"no {path}: prepare token shards first with `python data/prepare.py --out "
+        raise DataError(f"no {path}: prepare token shards first with `longhorn-zoo prepare --out "
                         f"{folder.parent} ...` (see docs/data.md)")
     try:
         index = json.loads(path.read_text())
@@ -124,7 +124,7 @@ class ShardSet:
         index = read_index(folder)
         if not index["complete"]:
             raise DataError(f"{folder} is only partly prepared ({len(index['shards'])} shards); run "
-                            "data/prepare.py again with the same arguments to finish it")
+                            "longhorn-zoo prepare again with the same arguments to finish it")
         self.meta = index["meta"]
         self.vocab_size, self.eos_id = int(self.meta["vocab_size"]), int(self.meta["eos_id"])
         dtype = np.dtype(self.meta["dtype"])

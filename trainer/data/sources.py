@@ -76,7 +76,7 @@ class TextSource:
             raise DataError(f"{self.source} (split {split!r}) holds no documents")
         if self.text_field not in first:
             raise DataError(f"{self.source} has no text field {self.text_field!r}; its fields are "
-                            f"{', '.join(first)}. Set data.text_field (prepare.py: --text-field)")
+                            f"{', '.join(first)}. Set data.text_field (longhorn-zoo prepare: --text-field)")
         return chain.from_iterable(batch[self.text_field] for batch in chain([first], batches))
 
 
@@ -161,7 +161,7 @@ def _open_hub(repo: str, src: TextSource, split: str) -> Any:
                 "(or HF_HUB_OFFLINE is set). Pre-fetch it on a machine with network: "
                 f"`hf download --repo-type dataset {repo}` with HF_HOME (or HF_HUB_CACHE) pointing at a shared "
                 "cache, then set the same HF_HOME here; or download it with --local-dir DIR and set data.source "
-                "to DIR; or run data/prepare.py there and train from the token shards") from None
+                "to DIR; or run longhorn-zoo prepare there and train from the token shards") from None
         return _load(datasets, local, src, split, "")
     try:
         return datasets.load_dataset(repo, name=src.hf_config or None, split=split, streaming=True,
