@@ -73,6 +73,24 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert verify(tmp_path / "checkpoint" / f"step-{stopped}") is None
 
 
+def test_sigterm_to_run_train_sh_saves_and_exits_0_with_one_line(tmp_path):
+    """torchrun, left to itself, stops with a SignalException traceback and status 1 after the worker saved."""
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    proc = subprocess.Popen(["./run_train.sh", *TINY, "--job.dump_folder", str(tmp_path), "--training.steps", "100000",
+                             "--checkpoint.enable", "true", "--checkpoint.interval", "100000"],
+                            cwd=ROOT, env={**env(), "PATH": path}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+    wait_for(lambda: len(records(tmp_path)) >= 3, proc, timeout=180)
+    os.kill(proc.pid, signal.SIGTERM)  # the script alone, as a scheduler signals the job's command
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert "Traceback" not in out and "SignalException" not in out, out[-3000:]
+    lines = [line for line in out.splitlines() if "SIGTERM" in line]
+    assert len(lines) == 1 and "SIGTERM: stopped after step" in lines[0], out[-3000:]
+    stopped = int(lines[0].split("stopped after step ")[1].split(",")[0])
+    assert verify(tmp_path / "checkpoint" / f"step-{stopped}") is None
+
+
 def test_flipped_bytes_are_caught_by_the_checksums_and_the_run_falls_back(tmp_path, capsys):
     args = ["--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3"]
     train(tiny_config(tmp_path / "a", *args))
