@@ -225,7 +225,7 @@ def end_of_run(cfg: JobConfig, step: int, stopped: bool, last: dict[str, float],
         return f"SIGTERM: stopped after step {step}, {saved}"
     losses = ", ".join(f"{name} loss {last[key]:.4f}" for name, key in (("train", "loss/train"), ("val", "loss/val"))
                        if key in last)
-    where = [f"outputs in {cfg.job.dump_folder}"]
+    where = [f"outputs in {Path(cfg.job.dump_folder)}"]
     if cfg.checkpoint.enable:
         where.append(f"checkpoints in {ckpt}")
     if tb_dir is not None:
