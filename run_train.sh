@@ -25,6 +25,10 @@
 #       --parallelism.data_parallel_replicate_degree 2     # HSDP: replicate across the 2 nodes
 # A killed run resumes from its newest complete checkpoint when started again with the
 # same command (checkpoint.enable = true). See scripts/slurm_train.sh for Slurm.
+#
+# SIGTERM (a preemption) reaches the training processes alone: they finish the step, save a
+# checkpoint, print one line and exit 0, and so does this script. torchrun itself ignores
+# SIGTERM, because it would otherwise stop with a SignalException traceback and status 1.
 set -euo pipefail
 
 NGPU=${NGPU:-1}
@@ -51,6 +55,14 @@ fi
 
 # NCCL's NVLink multicast (NVLS) stays off unless the caller turns it on.
 export NCCL_NVLS_ENABLE=${NCCL_NVLS_ENABLE:-0}
-exec python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NGPU" "${RDZV[@]}" \
-    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 \
-    -m longhorn_zoo.train "$CONFIG_FILE" "$@"
+trap '' TERM  # inherited by torchrun, which leaves SIGTERM out of the signals it handles (below)
+python -m torch.distributed.run --nnodes "$NNODES" --nproc-per-node "$NGPU" "${RDZV[@]}" \
+    --local-ranks-filter "$LOG_RANK" --role rank --tee 3 --signals-to-handle SIGINT,SIGHUP,SIGQUIT \
+    -m longhorn_zoo.train "$CONFIG_FILE" "$@" &
+launcher=$!
+trap 'pkill -TERM -P "$launcher" || true' TERM  # forward to torchrun's children, the training processes
+status=0
+while kill -0 "$launcher" 2>/dev/null; do
+    wait "$launcher" && status=0 || status=$?  # returns early, >128, when the trap runs: wait again
+done
+exit "$status"

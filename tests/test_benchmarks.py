@@ -121,3 +121,11 @@ def test_without_cuda_it_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--quick"])
     assert "needs a CUDA GPU" in str(exit_info.value.code)
+
+
+def test_checkpoint_checksum_benchmark_runs_on_a_tiny_state(tmp_path, capsys) -> None:
+    from benchmarks import checkpoint_checksum
+
+    checkpoint_checksum.main(["--params", "1e5", "--folder", str(tmp_path), "--repeats", "1"])
+    out = capsys.readouterr().out
+    assert "save, ChecksumWriter" in out and "verify, cold" in out and "checksum overhead on the save" in out

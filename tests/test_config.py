@@ -55,6 +55,44 @@ def test_bad_configs_name_the_key_and_the_fix(tmp_path, text, overrides, match):
         load_config(write(tmp_path, text), overrides)
 
 
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--training.steps", "-5"], r"training.steps = -5 is out of range: it must be >= 1"),
+        (["--training.seq_len", "0"], r"training.seq_len = 0 is out of range: it must be >= 1"),
+        (["--checkpoint.interval", "0"], r"checkpoint.interval = 0 is out of range: it must be >= 1"),
+        (["--training.global_batch_size", "0"], r"global_batch_size = 0 is out of range: it must be -1 or >= 1"),
+        (["--optimizer.lr", "0"], r"optimizer.lr = 0.0 is out of range: it must be > 0"),
+        (["--optimizer.beta2", "1"], r"optimizer.beta2 = 1.0 is out of range: it must be in \[0, 1\)"),
+        (["--data.val_fraction", "1.5"], r"val_fraction = 1.5 is out of range: it must be in \(0, 1\)"),
+        (["--checkpoint.load_step", "-2"], r"load_step = -2 is out of range: it must be -1 or >= 0"),
+        (["--optimizer.lr", "nan"], r"optimizer.lr = nan is out of range"),
+    ],
+)
+def test_numbers_out_of_range_name_the_key_the_value_and_the_range(tmp_path, overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_every_numeric_option_has_a_range_that_holds_its_default():
+    import dataclasses
+
+    from longhorn_zoo.config import JobConfig
+
+    cfg = JobConfig()
+    for section in dataclasses.fields(cfg):
+        for f in dataclasses.fields(getattr(cfg, section.name)):
+            value = getattr(getattr(cfg, section.name), f.name)
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                assert f.metadata["valid"] is not None, f"{section.name}.{f.name} has no range"
+                assert value in f.metadata["valid"], f"{section.name}.{f.name} default {value} out of range"
+
+
+def test_a_range_is_checked_in_toml_files_too(tmp_path):
+    with pytest.raises(ConfigError, match=r"job.toml: training.steps = 0 is out of range: it must be >= 1"):
+        load_config(write(tmp_path, "[training]\nsteps = 0\n"))
+
+
 def test_missing_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.toml")
@@ -81,6 +119,7 @@ def test_help_lists_every_option_with_its_doc():
     out = subprocess.run([sys.executable, "-m", "longhorn_zoo.train", "--help"], capture_output=True, text=True).stdout
     assert "--training.steps INT" in out and "Optimizer steps to train." in out
     assert "--lr_scheduler.decay_type STR {cosine|wsd|constant}" in out
+    assert "--training.global_batch_size INT (-1 or >= 1)" in out
 
 
 def test_parse_args_reads_path_and_print_flag(tmp_path):

@@ -201,6 +201,37 @@ OP.register_backend(Backend("wrong", "cpu", lambda: True, forward=double, backwa
 Mixer = Good
 OPS = (OP,)
 ''',
+    "bad_fake_dtype": '''
+def ema(u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    y = torch.cumsum(u, dim=1)
+    return y, y[:, -1].clone()
+
+def ema_fake(u):  # declares a float32 final state; the reference returns the input's dtype
+    state_dtype = torch.float64 if u.dtype == torch.float64 else torch.float32
+    return u.new_empty(u.shape), u.new_empty(u.shape[0], u.shape[2], dtype=state_dtype)
+
+def examples(dtype, gen):
+    return [(torch.randn(1, 3, 2, dtype=dtype, generator=gen),)]
+
+OP = define_scan_op("lz_broken::bad_fake_dtype", ema, ema_fake, example_inputs=examples)
+Mixer = Good
+OPS = (OP,)
+''',
+    "unlisted_op": '''
+def double(u: torch.Tensor) -> tuple[torch.Tensor]:
+    return (2 * u,)
+
+OP = define_scan_op("lz_broken::unlisted", double, lambda u: (u.new_empty(u.shape),))
+
+class Mixer(Good):
+    def forward(self, x, state=None, *, return_state=False):
+        return super().forward(OP(x)[0] / 2, state, return_state=return_state)
+''',
+    "crashes": '''
+class Mixer(Good):
+    def forward(self, x, state=None, *, return_state=False):
+        return x @ torch.ones(3, 3)
+''',
     "no_examples": '''
 def ema(u: torch.Tensor) -> tuple[torch.Tensor]:
     return (torch.cumsum(u, dim=1),)
@@ -275,10 +306,15 @@ BROKEN = [
     ("ignores_reset", "resets", r"lz_broken::ignores_reset: output 0 after a reset at token 2 differs from a fresh"),
     ("leaks_documents", "documents", r"row 0: the outputs from a document start at token 8 change when only earlier"),
     ("no_reset", "documents", r"forward\(x, reset=...\); forward must take reset=None.* raised TypeError"),
+    ("bad_fake_dtype", "ops", r"lz_broken::bad_fake_dtype: opcheck on example 0 in torch.bfloat16 \(the fake's "
+                              r"output dtypes must match the reference's\) raised"),
+    ("unlisted_op", "ops", r"forward calls the scan ops \['lz_broken::unlisted'\], which MixerSpec.ops does not"),
+    ("crashes", "checkpoint", r"the LM's forward before saving raised RuntimeError"),
+    ("crashes", "compile", r"the eager block's forward and backward \(the reference\) raised RuntimeError"),
 ]
 
 
-@pytest.mark.parametrize(("mixer", "prop", "detail"), BROKEN, ids=[case[0] for case in BROKEN])
+@pytest.mark.parametrize(("mixer", "prop", "detail"), BROKEN, ids=[f"{case[0]}-{case[1]}" for case in BROKEN])
 def test_broken_mixer_is_caught_with_its_name_and_property(broken_plugins: Path, mixer: str, prop: str,
                                                            detail: str) -> None:
     with pytest.raises(ConformanceError, match=rf"^mixer '{mixer}' breaks {prop}: .*{detail}") as info:
@@ -300,3 +336,13 @@ def test_pytest_mixer_option_runs_the_suite_and_reports_mixer_and_property(broke
     assert out.returncode == 1, out.stdout + out.stderr
     assert "1 failed, 1 passed" in out.stdout
     assert "mixer 'peeker' breaks causality: output at position 0 changed" in out.stdout
+
+
+def test_the_docs_give_the_sizes_the_suite_runs_at() -> None:
+    from longhorn_zoo.conformance import MixerConformance
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "plugins.md").read_text()
+    harness = Conformance("any")
+    for attr in ("dim", "n_layers", "seq_len"):
+        assert getattr(harness, attr) == getattr(MixerConformance, attr)
+        assert f"`{attr}` ({getattr(MixerConformance, attr)})" in docs, attr

@@ -143,6 +143,43 @@ def make_shards(folder: Path, n_tokens: int, shard_tokens: int, vocab: int = 503
 
 
 
+@pytest.mark.parametrize(("old", "new"), [(2, 3), (3, 2), (1, 2), (2, 1)])
+def test_shard_positions_carry_over_to_another_rank_count_in_the_same_order(tmp_path: Path, old: int,
+                                                                           new: int) -> None:
+    shards = make_shards(tmp_path / "s", n_tokens=6000, shard_tokens=1500)
+    one = ShardLoader(shards, 1, 16, 0, 1, seed=5)
+    within_epoch = one.sequence_ids(np.arange(one.n_seqs)).tolist()  # epoch 0's order, whatever the rank count
+    before = [ShardLoader(shards, 3, 16, rank, old, seed=5) for rank in range(old)]
+    read = [s for loader in before for _ in range(5) for s in next_ids(loader)]
+    after = [ShardLoader(shards, 2, 16, rank, new, seed=5) for rank in range(new)]
+    notes = {loader.load_resharded(before[rank % old].state_dict(), old) for rank, loader in enumerate(after)}
+    assert len(notes) == 1 and f"from position {15 * old} of epoch 0" in notes.pop()
+    upcoming = [s for _ in range(3) for loader in after for s in next_ids(loader)]
+    assert sorted(read) == sorted(within_epoch[: 15 * old])  # the old ranks read the order's first positions
+    start = -(-15 * old // new) * new  # every new rank starts at one position: rounded up to a multiple of new
+    assert sorted(upcoming) == sorted(within_epoch[start : start + 6 * new])
+
+
+def next_ids(loader: ShardLoader) -> list[int]:
+    """The sequence numbers of ``loader``'s next batch (advancing it as ``next`` does)."""
+    ids = loader.sequence_ids(loader.item + np.arange(loader.batch_size)).tolist()
+    loader.item += loader.batch_size
+    return ids
+
+
+def test_a_text_stream_carries_over_to_another_rank_count_after_the_documents_read(tmp_path: Path) -> None:
+    docs = [f"document {i}: " + "lorem ipsum " * (i % 7) for i in range(400)]  # more than one read-ahead chunk
+    src = TextSource(str(write_jsonl(tmp_path / "c.jsonl", docs)), val_docs=0)
+    old = PackedTextStream(src, "train", ByteTokenizer(), 2, 32, 0, 2)
+    take(old, 3)
+    new = PackedTextStream(src, "train", ByteTokenizer(), 2, 32, 0, 1)
+    note = new.load_resharded(old.state_dict(), 2)
+    assert 0 < old.docs_seen < len(docs) and f"after document {old.docs_seen}" in note and "skipping" in note
+    stream = [t for b in take(new, 2) for row in b["inputs"].tolist() for t in row]
+    first = byte_docs(stream)[0]
+    assert int(first.split(b":")[0].split()[1]) == old.docs_seen  # the next document of the split
+
+
 @pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_resume_after_k_batches_gives_the_identical_next_batches(tmp_path: Path) -> None:
     src = TextSource(str(write_jsonl(tmp_path / "c.jsonl", DOCS)), val_docs=0)

@@ -82,6 +82,17 @@ def test_duplicate_name_names_both_distributions(install_plugin):
     assert "longhorn" in reg.names()
 
 
+def test_a_plugin_named_like_a_builtin_is_an_error_naming_both_distributions(install_plugin):
+    """The entry point's name and the mixer's name are both "llama", as the built-in's are."""
+    install_plugin("lz-my-llama", {"llama": GOOD.format(name="llama")})
+    reg = build_registry()
+    with pytest.raises(PluginError, match=r"mixer 'llama' is registered by more than one plugin.*longhorn-zoo.*"
+                                          r"lz-my-llama|lz-my-llama.*longhorn-zoo"):
+        reg.get("llama")
+    assert any("'llama' registered twice" in e and "lz-my-llama" in e and "longhorn-zoo" in e for e in reg.errors)
+    assert "longhorn" in reg.names()
+
+
 def test_unknown_mixer_suggests_a_close_match():
     with pytest.raises(PluginError, match="Did you mean 'longhorn'"):
         build_registry().get("longhron")

@@ -6,35 +6,40 @@ Layout under ``<dump_folder>/<checkpoint.folder>``::
     step-400.tmp/      a save in progress (or one killed mid-way): never loaded
     model.pt           the model-only export (checkpoint.export_on_finish)
 
-A save writes ``step-N.tmp``; once every rank's shards and DCP's ``.metadata`` are
-written, rank 0 adds ``manifest.json`` (each file and its size) and renames the
-folder to ``step-N``. The rename is atomic, so a kill at any moment leaves either
-the complete ``step-N`` or a ``.tmp`` folder that resume ignores (and removes).
-At start-up the newest ``step-N`` whose files match its manifest and which loads
-is restored; a corrupt one is reported and the previous one is tried.
+A save writes ``step-N.tmp`` through :class:`~longhorn_zoo.manifest.ChecksumWriter`,
+which records every file's size and CRC-32 as the bytes are written and, once every
+rank's shards and DCP's ``.metadata`` are written, adds ``manifest.json``; rank 0 then
+renames the folder to ``step-N``. The rename is atomic, so a kill at any moment leaves
+either the complete ``step-N`` or a ``.tmp`` folder that resume ignores (and removes).
+At start-up the newest ``step-N`` whose files match their manifest (sizes and
+checksums, the reading shared by the ranks) is restored; a corrupt one is reported,
+naming the file, and the previous one is tried.
 
 A checkpoint holds the model and optimizer (sharded DTensors under FSDP; keys are
 plain parameter names whatever compile/AC wrappers are applied), the LR schedule,
 each rank's data-loader and RNG (torch CPU and CUDA) states under ``rank<r>`` keys,
-and the step. Resume therefore needs the same number of data-parallel ranks. The
-exception is ``step-0``, a seed checkpoint (``checkpoint.create_seed_checkpoint``):
-model weights only, so runs of any rank count start from identical weights.
+and the step with the global batch and micro-batch it was trained with. A resume on
+another number of ranks works: DCP reshards the model and optimizer, and the data
+position is carried over from the global number of sequences read
+(:func:`longhorn_zoo.data.load_resharded`); one line says what changed. ``step-0`` is a
+seed checkpoint (``checkpoint.create_seed_checkpoint``): model weights only, so runs of
+any rank count start from identical weights.
 
 Works with or without a process group (a single CPU process too).
 ``python -m longhorn_zoo.checkpoint export --checkpoint DIR --out model.pt`` writes the
 model weights as a plain ``torch.save`` state dict, loadable with
-``torch.load(path, weights_only=True)``.
+``torch.load(path, weights_only=True)``; DIR is a run's dump folder, its checkpoint
+folder or one ``step-N`` folder, as for ``longhorn_zoo.eval`` and ``longhorn_zoo.generate``.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import re
 import shutil
 import signal
 import sys
+import warnings
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
@@ -55,9 +60,16 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from longhorn_zoo.config import JobConfig
+from longhorn_zoo.data import batch_order, load_resharded
+from longhorn_zoo.manifest import ChecksumWriter, step_dirs, verify
+from longhorn_zoo.tomlcompat import tomllib
 
-MANIFEST = "manifest.json"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+__all__ = ["CheckpointError", "CheckpointManager", "SigtermFlag", "export_checkpoint", "find_checkpoint",
+           "read_model_weights", "step_dirs", "verify"]
+
+# DCP warns at every save and load without a process group that it assumes one process: here that is intended.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -113,41 +125,26 @@ def _set_rng_state(state: dict[str, torch.Tensor], device: torch.device) -> None
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def step_dirs(folder: Path) -> list[tuple[int, Path]]:
-    """``(step, path)`` of every ``step-N`` folder (saved complete), newest first."""
-    if not folder.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in folder.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
-    return sorted(found, reverse=True)
+def _ranks(n: int) -> str:
+    return f"{n} rank" if n == 1 else f"{n} ranks"
 
 
-def verify(path: Path) -> str | None:
-    """None if ``path`` holds every file its manifest lists at the listed size, else what is wrong."""
-    manifest = path / MANIFEST
-    if not manifest.is_file():
-        return f"no {MANIFEST} (not written by a finished save)"
-    try:
-        files = json.loads(manifest.read_text())["files"]
-    except (ValueError, KeyError) as e:
-        return f"unreadable {MANIFEST}: {e}"
-    for name, size in files.items():
-        f = path / name
-        if not f.is_file():
-            return f"missing file {name}"
-        if f.stat().st_size != size:
-            return f"file {name} has {f.stat().st_size} bytes, the manifest says {size}"
-    return None
+def _change(was: int, now: int) -> str:
+    return f"{now} (unchanged)" if was == now else f"{was} -> {now}"
 
 
 class CheckpointManager:
     """Saves and restores the whole training state with DCP; see the module docstring."""
 
     def __init__(self, cfg: JobConfig, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 lr_scheduler: Any, dataloader: Any, rank: int, device: torch.device) -> None:
+                 lr_scheduler: Any, dataloader: Any, rank: int, world_size: int, device: torch.device) -> None:
         self.cfg = cfg.checkpoint
         self.folder = Path(cfg.job.dump_folder) / self.cfg.folder
-        self.model, self.rank = model, rank
-        self.step = {"step": 0}
+        self.model, self.loader, self.rank, self.world_size = model, dataloader, rank, world_size
+        self.device = device
+        micro = cfg.training.local_batch_size * world_size
+        gbs = cfg.training.global_batch_size
+        self.step = {"step": 0, "global_batch": micro if gbs == -1 else gbs, "micro_batch": micro}
         self.states = {
             "model": _ModelState(model),
             "optimizer": _OptimizerState(model, optimizer),
@@ -169,11 +166,20 @@ class CheckpointManager:
 
     def _states(self, step: int) -> dict[str, Any]:
         """What a checkpoint of ``step`` holds: everything, or the weights alone for the seed (step 0)."""
-        return self.states if step else {"model": self.states["model"], "train": self.step}
+        return self.states if step else {"model": self.states["model"], "train": {"step": self.step["step"]}}
 
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def _verify(self, path: Path) -> str | None:
+        """:func:`verify` with the checksums shared out over the ranks; every rank gets the first problem."""
+        problem = verify(path, (self.rank, self.world_size))
+        if not dist.is_initialized():
+            return problem
+        problems: list[str | None] = [None] * self.world_size
+        dist.all_gather_object(problems, problem)
+        return next((p for p in problems if p is not None), None)
 
     def load(self) -> int:
         """Restore the newest complete checkpoint (or ``load_step``); returns its step, 0 if none."""
@@ -194,25 +200,57 @@ class CheckpointManager:
                                       f"{[p.name for _, p in step_dirs(self.folder)] or 'none'}")
         problems = []
         for step, path in candidates:
-            problem = verify(path)
-            if problem is None:
+            problem = self._verify(path)
+            if problem is not None:
+                what = f"{path} is corrupt or incomplete"
+            else:
+                what = f"{path} could not be loaded"
                 try:
-                    dcp.load(self._states(step), checkpoint_id=str(path), no_dist=not dist.is_initialized())
+                    self._restore(step, path)
                 except (Exception, CheckpointException) as e:  # raised on every rank alike: all fall back
-                    problem = f"loading failed: {type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
+                    problem = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300]}"
             if problem is None:
                 self._log(f"resumed from {path} (step {self.step['step']})")
                 self.last_saved = self.step["step"]
                 return self.step["step"]
             if explicit:
-                raise CheckpointError(f"checkpoint {path} is corrupt or incomplete: {problem}")
+                raise CheckpointError(f"{what}: {problem}")
             problems.append(f"{path.name}: {problem}")
-            self._log(f"{path} is corrupt or incomplete ({problem}); falling back to the previous checkpoint")
+            self._log(f"{what} ({problem}); falling back to the previous checkpoint")
         if problems:
             raise CheckpointError(f"no loadable checkpoint in {self.folder}: {'; '.join(problems)}. Move the "
                                   "folder away to start from scratch.")
         self._log(f"no checkpoint in {self.folder}; starting from step 0")
         return 0
+
+    def _restore(self, step: int, path: Path) -> None:
+        """Load ``path`` into the training state, carrying it over to this world size if it was saved on another."""
+        meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        states = dict(self._states(step))
+        # keys that an older version did not save keep this run's values (as if unchanged)
+        states["train"] = saved = {k: v for k, v in self.step.items() if f"train.{k}" in meta}
+        saved_world = len({k.split(".")[1] for k in meta if k.startswith("rng.rank")}) or self.world_size
+        resharded = saved_world != self.world_size
+        data: dict[str, Any] = {}
+        if resharded:  # every rank takes the data and RNG states of an old rank (the positions agree)
+            source = self.rank % saved_world
+            states["dataloader"] = _PerRank(source, self.loader.state_dict, data.update)
+            states["rng"] = _PerRank(source, lambda: _rng_state(self.device), lambda s: _set_rng_state(s, self.device))
+        dcp.load(states, checkpoint_id=str(path), no_dist=not dist.is_initialized())
+        saved = {**self.step, **saved}
+        self.step["step"] = saved["step"]
+        if not step:
+            return
+        micro, batch = self.step["micro_batch"], self.step["global_batch"]
+        if resharded:
+            order = load_resharded(self.loader, data, saved_world, saved["micro_batch"], micro)
+        elif (saved["micro_batch"], saved["global_batch"]) != (micro, batch):
+            order = batch_order(self.loader, saved["micro_batch"], micro)
+        else:
+            return
+        self._log(f"{path.name} was saved on {_ranks(saved_world)} and resumes on {_ranks(self.world_size)}: "
+                  f"global batch {_change(saved['global_batch'], batch)}, "
+                  f"{'model and optimizer resharded, ' if resharded else ''}data order: {order}")
 
     def maybe_save(self, step: int, force: bool = False) -> None:
         """Save at every ``interval``-th step, and at ``step`` when ``force`` (the last step, SIGTERM)."""
@@ -224,12 +262,14 @@ class CheckpointManager:
         self.wait()
         self.step["step"] = step
         tmp = self.folder / f"step-{step}.tmp"
+        writer = ChecksumWriter(tmp, step)
         if self.cfg.async_mode == "async":
-            future = dcp.async_save(self._states(step), checkpoint_id=str(tmp), process_group=self.async_group,
-                                    no_dist=not dist.is_initialized())
+            future = dcp.async_save(self._states(step), storage_writer=writer, checkpoint_id=str(tmp),
+                                    process_group=self.async_group, no_dist=not dist.is_initialized())
             self.pending = (future, step)
         else:
-            dcp.save(self._states(step), checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            dcp.save(self._states(step), storage_writer=writer, checkpoint_id=str(tmp),
+                     no_dist=not dist.is_initialized())
             self._finalize(step)
         self.last_saved = step
 
@@ -242,12 +282,10 @@ class CheckpointManager:
             self._finalize(step)
 
     def _finalize(self, step: int) -> None:
-        """Rank 0: write the manifest, rename ``.tmp`` to the final name, drop old checkpoints."""
+        """Rank 0: rename ``.tmp`` (its manifest written) to the final name, drop old checkpoints."""
         if self.rank != 0:
             return
         tmp, final = self.folder / f"step-{step}.tmp", self.folder / f"step-{step}"
-        files = {f.name: f.stat().st_size for f in tmp.iterdir() if f.is_file()}
-        (tmp / MANIFEST).write_text(json.dumps({"step": step, "files": files}, indent=1))
         if final.exists():  # an older save of the same step, e.g. from before a fallback
             shutil.rmtree(final)
         os.replace(tmp, final)
@@ -296,17 +334,33 @@ class SigtermFlag:
         signal.signal(signal.SIGTERM, self.previous)
 
 
+def find_checkpoint(path: Path) -> Path:
+    """The complete ``step-N`` folder that ``path`` names: a run's dump folder (the folder holding its
+    ``config.toml``; its checkpoint folder is used), a checkpoint folder (its newest complete step) or a
+    ``step-N`` folder itself. Raises :class:`CheckpointError` if there is none, or if ``step-N`` is corrupt.
+    """
+    if (path / "config.toml").is_file():
+        with (path / "config.toml").open("rb") as f:
+            path = path / tomllib.load(f).get("checkpoint", {}).get("folder", "checkpoint")
+    if (path / ".metadata").is_file():
+        if problem := verify(path):
+            raise CheckpointError(f"{path} is corrupt or incomplete: {problem}")
+        return path
+    for _, step in step_dirs(path):
+        if (problem := verify(step)) is None:
+            return step
+        print(f"checkpoint: {step} is corrupt or incomplete ({problem}); trying the previous one", file=sys.stderr)
+    raise CheckpointError(f"{path} holds no complete checkpoint; pass a run's dump folder, its checkpoint folder "
+                          "or a step-N folder")
+
+
 def read_model_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     """The model weights of a DCP checkpoint as full CPU tensors; no model code or process group needed.
 
     Args:
-        checkpoint: A ``step-N`` folder, or a checkpoint folder (its newest complete step is used).
+        checkpoint: A run's dump folder, a checkpoint folder or a ``step-N`` folder (see :func:`find_checkpoint`).
     """
-    if not (checkpoint / ".metadata").is_file():
-        complete = [p for _, p in step_dirs(checkpoint) if verify(p) is None]
-        if not complete:
-            raise CheckpointError(f"{checkpoint} is neither a DCP checkpoint nor a folder holding a complete one")
-        checkpoint = complete[0]
+    checkpoint = find_checkpoint(checkpoint)
     meta = dcp.FileSystemReader(str(checkpoint)).read_metadata()
     model = {k.removeprefix("model."): torch.empty(m.size, dtype=m.properties.dtype)
              for k, m in meta.state_dict_metadata.items()
@@ -321,7 +375,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "float32") -> Pa
     """Write the model weights of a DCP checkpoint (see :func:`read_model_weights`) as a ``torch.save`` file.
 
     Args:
-        checkpoint: A ``step-N`` folder, or a checkpoint folder (its newest complete step is used).
+        checkpoint: A run's dump folder, a checkpoint folder or a ``step-N`` folder (see :func:`find_checkpoint`).
         out: The ``.pt`` file to write.
         dtype: ``float32`` or ``bfloat16``.
     """
@@ -335,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m longhorn_zoo.checkpoint", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     exp = sub.add_parser("export", help="write a DCP checkpoint's model weights as a torch.save state dict")
-    exp.add_argument("--checkpoint", type=Path, required=True, help="a step-N folder or the checkpoint folder")
+    exp.add_argument("--checkpoint", type=Path, required=True,
+                     help="a run's dump folder, its checkpoint folder or a step-N folder")
     exp.add_argument("--out", type=Path, required=True, help="output .pt file")
     exp.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
     args = parser.parse_args(argv)

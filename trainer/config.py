@@ -1,10 +1,11 @@
 """Job configuration: sectioned dataclasses, TOML files and ``--section.key value`` overrides.
 
-Each field's ``help`` metadata is its documentation and its ``--help`` text. A TOML
-file's sections and keys map one to one onto these dataclasses. Precedence, lowest
-to highest: dataclass defaults, the mixer plugin's defaults file, the TOML file,
-the command line. Unknown sections or keys, wrong types and unknown mixers are
-errors that name the key and the valid choices.
+Each field's ``help`` metadata is its documentation and its ``--help`` text; a numeric
+field's ``valid`` metadata (a :class:`Range`) is its valid range. A TOML file's sections
+and keys map one to one onto these dataclasses. Precedence, lowest to highest:
+dataclass defaults, the mixer plugin's defaults file, the TOML file, the command line.
+Unknown sections or keys, wrong types, values out of range and unknown mixers are
+errors that name the key, the value and the valid choices or range.
 """
 
 from __future__ import annotations
@@ -27,9 +28,48 @@ class _CliText(str):
     """A ``--model.mixer.*`` value as typed; converted once the option's type is known."""
 
 
-def opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
-    """A config field with its help text (and valid choices for strings)."""
-    meta = {"help": help, "choices": choices}
+@dataclass(frozen=True)
+class Range:
+    """The valid values of a numeric option: ``lo <= v <= hi`` (``<`` where open), or one of ``also``.
+
+    ``Range(lo=1)`` is ">= 1", ``Range(lo=0, lo_open=True)`` is "> 0", and ``Range(lo=1, also=(-1,))``
+    is "-1, or >= 1" (an option whose -1 means "automatic").
+    """
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    also: tuple[int, ...] = ()
+
+    def __contains__(self, v: float) -> bool:
+        if v in self.also:
+            return True
+        if v != v:  # NaN is in no range
+            return False
+        if self.lo is not None and (v <= self.lo if self.lo_open else v < self.lo):
+            return False
+        return self.hi is None or (v < self.hi if self.hi_open else v <= self.hi)
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            text = f"in {'(' if self.lo_open else '['}{self.lo:g}, {self.hi:g}{')' if self.hi_open else ']'}"
+        elif self.lo is not None:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        else:
+            text = f"{'<' if self.hi_open else '<='} {self.hi:g}"
+        return " or ".join([*(str(a) for a in self.also), text])
+
+
+POSITIVE_INT = Range(lo=1)
+NON_NEGATIVE = Range(lo=0)
+POSITIVE = Range(lo=0, lo_open=True)
+FRACTION = Range(lo=0, hi=1)
+
+
+def opt(default: Any, help: str, choices: tuple[str, ...] | None = None, valid: Range | None = None) -> Any:
+    """A config field with its help text, and its valid choices (strings) or range (numbers)."""
+    meta = {"help": help, "choices": choices, "valid": valid}
     if isinstance(default, list | dict):
         return field(default_factory=lambda: type(default)(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -44,13 +84,14 @@ class Job:
 @dataclass
 class Model:
     name: str = opt("longhorn", "Mixer plugin name (see `python -m longhorn_zoo.registry`).")
-    dim: int = opt(256, "Model width D.")
-    n_layers: int = opt(4, "Number of residual blocks.")
+    dim: int = opt(256, "Model width D.", valid=POSITIVE_INT)
+    n_layers: int = opt(4, "Number of residual blocks.", valid=POSITIVE_INT)
     vocab_size: int = opt(256, "Vocabulary size; at least the data's (tokenizers pad theirs to a multiple of "
-                          "64, e.g. gpt2 50304). -1 takes it from the data.")
-    norm_eps: float = opt(1e-5, "RMSNorm epsilon.")
+                          "64, e.g. gpt2 50304). -1 takes it from the data.", valid=Range(lo=1, also=(-1,)))
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon.", valid=POSITIVE)
     mlp: bool = opt(True, "Add a SwiGLU MLP after the mixer in each block (plugins may default it off).")
-    mlp_ratio: float = opt(8 / 3, "SwiGLU hidden size as a multiple of dim (rounded up to a multiple of 64).")
+    mlp_ratio: float = opt(8 / 3, "SwiGLU hidden size as a multiple of dim (rounded up to a multiple of 64).",
+                          valid=POSITIVE)
     tie_embeddings: bool = opt(False, "Share the token embedding and LM head weights.")
     op_backend: str = opt("auto", "Scan-op backend: auto (fastest available), reference, cuda or triton.")
     mixer: dict = opt({}, "Mixer-specific options; valid keys come from the plugin's [mixer] defaults.")
@@ -59,36 +100,39 @@ class Model:
 @dataclass
 class Optimizer:
     name: str = opt("AdamW", "Optimizer.", choices=("AdamW",))
-    lr: float = opt(1e-3, "Peak learning rate.")
-    beta1: float = opt(0.9, "AdamW beta1.")
-    beta2: float = opt(0.95, "AdamW beta2.")
-    eps: float = opt(1e-8, "AdamW epsilon.")
+    lr: float = opt(1e-3, "Peak learning rate.", valid=POSITIVE)
+    beta1: float = opt(0.9, "AdamW beta1.", valid=Range(lo=0, hi=1, hi_open=True))
+    beta2: float = opt(0.95, "AdamW beta2.", valid=Range(lo=0, hi=1, hi_open=True))
+    eps: float = opt(1e-8, "AdamW epsilon.", valid=POSITIVE)
     weight_decay: float = opt(0.1, "Weight decay, applied to parameters with two or more dimensions that their module "
-                               "does not list in no_weight_decay.")
+                               "does not list in no_weight_decay.", valid=NON_NEGATIVE)
 
 
 @dataclass
 class LRScheduler:
-    warmup_steps: int = opt(10, "Linear warm-up steps from 0 to the peak learning rate.")
+    warmup_steps: int = opt(10, "Linear warm-up steps from 0 to the peak learning rate.", valid=NON_NEGATIVE)
     decay_type: str = opt("cosine", "Schedule after warm-up.", choices=("cosine", "wsd", "constant"))
-    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.")
-    wsd_decay_ratio: float = opt(0.2, "WSD only: fraction of the steps spent in the final linear decay.")
+    min_lr_ratio: float = opt(0.1, "Final learning rate as a fraction of the peak.", valid=FRACTION)
+    wsd_decay_ratio: float = opt(0.2, "WSD only: fraction of the steps spent in the final linear decay.",
+                                 valid=FRACTION)
 
 
 @dataclass
 class Training:
-    steps: int = opt(200, "Optimizer steps to train.")
-    local_batch_size: int = opt(16, "Sequences per micro-batch on each data-parallel rank.")
+    steps: int = opt(200, "Optimizer steps to train.", valid=POSITIVE_INT)
+    local_batch_size: int = opt(16, "Sequences per micro-batch on each data-parallel rank.", valid=POSITIVE_INT)
     global_batch_size: int = opt(-1, "Sequences per optimizer step over all ranks; a multiple of local x ranks "
-                                 "reached by gradient accumulation. -1 means local x ranks.")
-    seq_len: int = opt(128, "Tokens per sequence.")
-    max_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).")
-    seed: int = opt(0, "Random seed for init and data; the same seed repeats the run.")
+                                 "reached by gradient accumulation. -1 means local x ranks.",
+                                 valid=Range(lo=1, also=(-1,)))
+    seq_len: int = opt(128, "Tokens per sequence.", valid=POSITIVE_INT)
+    max_norm: float = opt(1.0, "Gradient-norm clipping threshold (0 disables clipping).", valid=NON_NEGATIVE)
+    seed: int = opt(0, "Random seed for init and data; the same seed repeats the run.", valid=NON_NEGATIVE)
     mixed_precision: str = opt("auto", "Autocast dtype: auto (bf16 on CUDA, fp32 on CPU), bf16 or fp32.",
                                choices=("auto", "bf16", "fp32"))
     device: str = opt("auto", "auto (CUDA if present, else CPU), cuda or cpu.", choices=("auto", "cuda", "cpu"))
-    eval_interval: int = opt(0, "Steps between validation-loss evaluations (0: only after the last step).")
-    eval_batches: int = opt(4, "Validation batches per evaluation.")
+    eval_interval: int = opt(0, "Steps between validation-loss evaluations (0: only after the last step).",
+                             valid=NON_NEGATIVE)
+    eval_batches: int = opt(4, "Validation batches per evaluation.", valid=POSITIVE_INT)
 
 
 @dataclass
@@ -97,9 +141,11 @@ class Data:
                        "(multi-query associative recall), text (tokenize `source` on the fly) or shards "
                        "(token shards from longhorn-zoo prepare; the fast path). See docs/data.md.",
                        choices=("bytes", "mqar", "text", "shards"))
-    mqar_num_kv_pairs: int = opt(8, "MQAR: key-value pairs per sequence.")
-    mqar_vocab_size: int = opt(64, "MQAR: tokens used for keys and for values (each half of the range).")
-    val_fraction: float = opt(0.05, "Fraction of the corpus held out for validation (bytes).")
+    mqar_num_kv_pairs: int = opt(8, "MQAR: key-value pairs per sequence.", valid=POSITIVE_INT)
+    mqar_vocab_size: int = opt(64, "MQAR: tokens used for keys and for values (each half of the range).",
+                               valid=Range(lo=4))
+    val_fraction: float = opt(0.05, "Fraction of the corpus held out for validation (bytes).",
+                              valid=Range(lo=0, hi=1, lo_open=True, hi_open=True))
     source: str = opt("", "text: a Hugging Face hub dataset id or alias (slimpajama, openwebtext, fineweb-edu), "
                       "streamed, or a local txt/jsonl/parquet file, glob or folder.")
     hf_config: str = opt("", "text: the hub dataset's config name (e.g. sample-10BT); empty for the default.")
@@ -110,7 +156,8 @@ class Data:
                              "separated) or document (whole file).", choices=("line", "paragraph", "document"))
     val_split: str = opt("", "text: the source's split used for validation (e.g. validation); empty holds out "
                          "the first val_docs train documents.")
-    val_docs: int = opt(1000, "text: leading train documents held out for validation when val_split is empty.")
+    val_docs: int = opt(1000, "text: leading train documents held out for validation when val_split is empty.",
+                        valid=POSITIVE_INT)
     tokenizer: str = opt("gpt2", "text: bytes (EOS = NUL, vocab 256), a tiktoken encoding (gpt2, r50k_base, "
                          "cl100k_base, o200k_base) or a local .tiktoken file. shards record their own.")
     shard_dir: str = opt("", "shards: the folder longhorn-zoo prepare wrote (with train/ and val/ inside).")
@@ -127,12 +174,13 @@ class Checkpoint:
     enable: bool = opt(False, "Save DCP checkpoints under <dump_folder>/<folder>/step-N and resume from the "
                        "newest complete one at start-up.")
     folder: str = opt("checkpoint", "Checkpoint folder, relative to the dump folder.")
-    interval: int = opt(500, "Steps between checkpoints; the last step is always saved.")
-    keep_latest_k: int = opt(0, "Keep only the newest k complete checkpoints; 0 keeps all.")
+    interval: int = opt(500, "Steps between checkpoints; the last step is always saved.", valid=POSITIVE_INT)
+    keep_latest_k: int = opt(0, "Keep only the newest k complete checkpoints; 0 keeps all.", valid=NON_NEGATIVE)
     async_mode: str = opt("disabled", "disabled: save blocks training; async: copy to CPU, then write in a "
                           "background thread while training goes on.", choices=("disabled", "async"))
     load_step: int = opt(-1, "Resume from this step's checkpoint (an error if it is missing or corrupt); "
-                         "-1 resumes from the newest complete one, falling back past corrupt ones.")
+                         "-1 resumes from the newest complete one, falling back past corrupt ones.",
+                         valid=Range(lo=0, also=(-1,)))
     export_on_finish: bool = opt(False, "At the end, also write <folder>/model.pt: the model weights only "
                                  "(full tensors, torch.save), loadable with torch.load(weights_only=True).")
     export_dtype: str = opt("float32", "dtype of the exported weights.", choices=("float32", "bfloat16"))
@@ -143,9 +191,10 @@ class Checkpoint:
 
 @dataclass
 class Parallelism:
-    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 uses every rank not used by replication.")
+    data_parallel_shard_degree: int = opt(-1, "FSDP shard degree; -1 uses every rank not used by replication.",
+                                          valid=Range(lo=1, also=(-1,)))
     data_parallel_replicate_degree: int = opt(1, "HSDP replicate degree: >1 makes a 2-D (replicate x shard) "
-                                              "mesh, e.g. nodes x GPUs per node. 1 is plain FSDP.")
+                                              "mesh, e.g. nodes x GPUs per node. 1 is plain FSDP.", valid=POSITIVE_INT)
     mixed_precision_reduce: str = opt("float32", "dtype of FSDP's gradient reduce-scatter (params are gathered "
                                       "in bf16 when training.mixed_precision gives bf16).",
                                       choices=("float32", "bfloat16"))
@@ -177,7 +226,8 @@ class Float8:
 
 @dataclass
 class Metrics:
-    log_freq: int = opt(10, "Steps between console and TensorBoard logs (the first and last steps are logged too).")
+    log_freq: int = opt(10, "Steps between console and TensorBoard logs (the first and last steps are logged too).",
+                        valid=POSITIVE_INT)
     enable_tensorboard: bool = opt(True, "Write TensorBoard events to a new folder per run, "
                                    "<dump_folder>/<save_tb_folder>/<YYYYmmdd-HHMMSS>.")
     save_tb_folder: str = opt("tb", "Parent of the runs' TensorBoard folders, relative to the dump folder.")
@@ -193,7 +243,7 @@ class Profiling:
                                  "warm-up steps, is written as <save_traces_folder>/iteration_N/rankR_trace.json, "
                                  "which opens in Perfetto (ui.perfetto.dev) or TensorBoard's profiler plugin.")
     save_traces_folder: str = opt("profile_traces", "Trace folder, relative to the dump folder.")
-    profile_freq: int = opt(10, "Steps between traced steps (profiling and memory snapshots).")
+    profile_freq: int = opt(10, "Steps between traced steps (profiling and memory snapshots).", valid=POSITIVE_INT)
     enable_memory_snapshot: bool = opt(False, "CUDA only: record the allocator's history and write "
                                        "<save_memory_snapshot_folder>/iteration_N/rankR_memory_snapshot.pickle every "
                                        "profile_freq steps and on out-of-memory (open at pytorch.org/memory_viz).")
@@ -236,8 +286,9 @@ def _elsewhere(key: str) -> str:
     return f" {key!r} is a key of [{'], ['.join(homes)}]." if homes else ""
 
 
-def _coerce(where: str, value: Any, typ: type, choices: tuple[str, ...] | None) -> Any:
-    """Check ``value`` against ``typ``, converting int to float; raise ConfigError if it does not fit."""
+def _coerce(where: str, value: Any, typ: type, choices: tuple[str, ...] | None, valid: Range | None = None) -> Any:
+    """Check ``value`` against ``typ``, its choices and its range, converting int to float; raise ConfigError
+    if it does not fit."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     ok = isinstance(value, typ) and not (typ is int and isinstance(value, bool))
@@ -246,6 +297,8 @@ def _coerce(where: str, value: Any, typ: type, choices: tuple[str, ...] | None) 
     if choices is not None and value not in choices:
         raise ConfigError(f"{where} = {value!r} is not valid; choose one of {', '.join(choices)}."
                           + _suggest(str(value), list(choices)))
+    if valid is not None and value not in valid:
+        raise ConfigError(f"{where} = {value!r} is out of range: it must be {valid}")
     return value
 
 
@@ -289,7 +342,8 @@ def _apply(cfg: JobConfig, table: dict[str, Any], origin: str) -> None:
                     raise ConfigError(f"{origin}: model.mixer must be a table")
                 section.mixer.update(value)
                 continue
-            value = _coerce(f"{origin}: {sec_name}.{key}", value, hints[key], fields[key].metadata["choices"])
+            meta = fields[key].metadata
+            value = _coerce(f"{origin}: {sec_name}.{key}", value, hints[key], meta["choices"], meta["valid"])
             setattr(section, key, value)
 
 
@@ -443,8 +497,8 @@ def help_text() -> str:
         hints = get_type_hints(cls)
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            choices = f.metadata.get("choices")
-            extra = f" {{{'|'.join(choices)}}}" if choices else ""
+            choices, valid = f.metadata.get("choices"), f.metadata.get("valid")
+            extra = f" {{{'|'.join(choices)}}}" if choices else f" ({valid})" if valid else ""
             out.append(f"  --{sec_name}.{f.name} {hints[f.name].__name__.upper()}{extra}  (default {default!r})")
             out.append(f"      {f.metadata['help']}")
     return "\n".join(out)

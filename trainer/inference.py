@@ -34,8 +34,7 @@ def load_trained(path: Path, device: torch.device | str = "cpu", config: Path | 
     if path.is_file():
         weights = torch.load(path, map_location="cpu", weights_only=True)
     else:
-        ckpt_dir = path / cfg.checkpoint.folder if (path / "config.toml").is_file() else path
-        weights = read_model_weights(ckpt_dir)
+        weights = read_model_weights(path)
     model = build_model(cfg.model, cfg.training.seq_len, "meta")
     model.to_empty(device=device)
     model.init_weights()

@@ -37,10 +37,13 @@ __all__ = [
     "define_scan_op",
     "set_backend_preference",
     "get_backend_preference",
+    "scan_op_names",
     "REFERENCE",
 ]
 
 REFERENCE = "reference"
+_SCAN_OP_NAMES: set[str] = set()
+"""The qualname of every scan op defined in this process; see :func:`scan_op_names`."""
 BackwardFn = Callable[[tuple[Any, ...], tuple[Tensor, ...], tuple[Tensor | None, ...]], tuple[Tensor | None, ...]]
 _preference: str = "auto"
 
@@ -67,6 +70,11 @@ def set_backend_preference(name: str) -> None:
 def get_backend_preference() -> str:
     """Return the backend preference set by :func:`set_backend_preference`."""
     return _preference
+
+
+def scan_op_names() -> frozenset[str]:
+    """The qualnames of every scan op defined so far in this process (by any plugin)."""
+    return frozenset(_SCAN_OP_NAMES)
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class ScanOp:
         self.op.register_fake(fake)
         self.op.register_kernel("cuda")(self._dispatch)
         self.op.register_autograd(self._backward, setup_context=self._setup_context)
+        _SCAN_OP_NAMES.add(qualname)
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
         return self.op(*args, **kwargs)

@@ -1,9 +1,11 @@
 """Discovery of mixer plugins through the ``longhorn_zoo.mixers`` entry points.
 
-Every installed plugin, built-in or not, is loaded with pluggy's
-``load_setuptools_entrypoints``, one entry point at a time, so a plugin that fails
-to import, raises in its hook or returns an invalid spec is reported by name and
-distribution while the other mixers stay usable.
+Every installed plugin, built-in or not, is loaded one entry point at a time and
+registered with pluggy, so a plugin that fails to import, raises in its hook or
+returns an invalid spec is reported by name and distribution while the other
+mixers stay usable. Two plugins that register the same mixer name (a third-party
+``llama`` next to the built-in one, say) make that name an error naming both
+distributions.
 
 ``python -m longhorn_zoo.registry`` lists the installed mixers.
 """
@@ -79,13 +81,6 @@ class Registry:
         raise PluginError(msg)
 
 
-def _source_of(pm: pluggy.PluginManager, plugin: object, ep_name: str) -> Source:
-    for plug, dist in pm.list_plugin_distinfo():
-        if plug is plugin:
-            return Source(ep_name, dist.metadata["name"], dist.version)
-    return Source(ep_name, "?", "?")
-
-
 def validate_spec(spec: object) -> MixerSpec:
     """Check that a hook result is a usable :class:`MixerSpec`; raise ``PluginError`` if not."""
     if not isinstance(spec, MixerSpec):
@@ -115,41 +110,45 @@ def build_registry(group: str = ENTRY_POINT_GROUP) -> Registry:
     registry = Registry()
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    eps = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+    eps = sorted(importlib.metadata.entry_points(group=group), key=lambda e: (e.name, e.value))
     seen: dict[str, Source] = {}
     for ep in eps:
         dist = ep.dist
-        dist_name = f"{dist.name} {dist.version}" if dist else "an unknown distribution"
-        where = f"plugin {ep.name!r} ({ep.value}) from {dist_name}"
-        before = set(pm.get_plugins())
+        source = Source(ep.name, dist.name, dist.version) if dist else Source(ep.name, "an unknown distribution", "")
+        where = f"plugin {ep.name!r} ({ep.value}) from {source.dist} {source.version}".rstrip()
+        # Loaded and registered one by one, under a name unique to the distribution: pluggy's
+        # load_setuptools_entrypoints skips an entry point whose name is already taken, so a
+        # third-party plugin named like a built-in one would be dropped without a word.
         try:
-            pm.load_setuptools_entrypoints(group, name=ep.name)
+            plugin = ep.load()
         except Exception as e:  # any import-time failure of a third-party plugin
             registry.errors.append(f"{where} failed to import: {type(e).__name__}: {e}")
             continue
-        for plugin in set(pm.get_plugins()) - before:
-            source = _source_of(pm, plugin, ep.name)
-            impl = getattr(plugin, "longhorn_zoo_mixers", None)
-            if impl is None:
-                registry.errors.append(f"{where} implements no longhorn_zoo_mixers hook")
+        try:
+            pm.register(plugin, name=f"{source.dist}:{ep.name}")
+        except (ValueError, pluggy.PluginValidationError) as e:  # one module behind two entry points, a bad hook
+            registry.errors.append(f"{where} cannot be registered: {e}")
+            continue
+        impl = getattr(plugin, "longhorn_zoo_mixers", None)
+        if impl is None:
+            registry.errors.append(f"{where} implements no longhorn_zoo_mixers hook")
+            continue
+        try:
+            specs = impl()
+            if not isinstance(specs, list | tuple):
+                raise PluginError(f"returned {type(specs).__name__}, expected a list of MixerSpec")
+            specs = [validate_spec(s) for s in specs]
+        except Exception as e:
+            registry.errors.append(f"{where} returned an invalid spec: {type(e).__name__}: {e}")
+            continue
+        for spec in specs:
+            if spec.name in seen:
+                registry.duplicates.setdefault(spec.name, [seen[spec.name]]).append(source)
+                registry.mixers.pop(spec.name, None)
+                registry.errors.append(f"mixer {spec.name!r} registered twice: by {seen[spec.name]} and by {source}")
                 continue
-            try:
-                specs = impl()
-                if not isinstance(specs, list | tuple):
-                    raise PluginError(f"returned {type(specs).__name__}, expected a list of MixerSpec")
-                specs = [validate_spec(s) for s in specs]
-            except Exception as e:
-                registry.errors.append(f"{where} returned an invalid spec: {type(e).__name__}: {e}")
-                continue
-            for spec in specs:
-                if spec.name in seen:
-                    registry.duplicates.setdefault(spec.name, [seen[spec.name]]).append(source)
-                    registry.mixers.pop(spec.name, None)
-                    registry.errors.append(
-                        f"mixer {spec.name!r} registered twice: by {seen[spec.name]} and by {source}")
-                    continue
-                seen[spec.name] = source
-                registry.mixers[spec.name] = MixerEntry(spec, source)
+            seen[spec.name] = source
+            registry.mixers[spec.name] = MixerEntry(spec, source)
     return registry
 
 

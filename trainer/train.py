@@ -94,7 +94,7 @@ def grad_accum_steps(cfg: JobConfig, world_size: int) -> int:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, cfg: JobConfig, rank: int, world_size: int, device: torch.device,
              autocast: Callable[[], AbstractContextManager]) -> float:
-    """Mean loss over ``training.eval_batches`` batches of the validation split."""
+    """Mean loss over ``training.eval_batches`` batches of the validation split, over all ranks."""
     model.eval()
     loader = build_dataloader(cfg, rank, world_size, split="val")
     total = 0.0
@@ -105,7 +105,12 @@ def evaluate(model: torch.nn.Module, cfg: JobConfig, rank: int, world_size: int,
             logits = model(inputs, reset=reset)
         total += float(loss_and_accuracy(logits, batch["labels"].to(device))[0])
     model.train()
-    return total / cfg.training.eval_batches
+    mean = total / cfg.training.eval_batches
+    if dist.is_initialized():  # every rank scored its own rows: average them
+        t = torch.tensor([mean], dtype=torch.float64, device=device)
+        dist.all_reduce(t)
+        mean = float(t) / world_size
+    return mean
 
 
 def build_autocast(cfg: JobConfig, device: torch.device, world_size: int) -> Callable[[], AbstractContextManager]:
@@ -164,9 +169,18 @@ def build_model_for_training(cfg: JobConfig, rank: int, world_size: int, device:
 
 def train(cfg: JobConfig) -> dict[str, float]:
     """Run the job described by ``cfg``; returns the last logged metrics."""
+    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
+    sigterm = SigtermFlag(device)  # first, so that a SIGTERM during start-up stops the run after its first step
+    try:
+        return _train(cfg, device, sigterm)
+    finally:
+        sigterm.restore()
+
+
+def _train(cfg: JobConfig, device: torch.device, sigterm: SigtermFlag) -> dict[str, float]:
+    """:func:`train` after the device and the SIGTERM flag are set up."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    device = pick_device(cfg, int(os.environ.get("LOCAL_RANK", "0")))
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     set_backend_preference(cfg.model.op_backend)
@@ -184,14 +198,22 @@ def train(cfg: JobConfig) -> dict[str, float]:
     if rank == 0:  # the resolved config, for resuming by hand and for longhorn_zoo.eval / longhorn_zoo.generate
         dump.mkdir(parents=True, exist_ok=True)
         (dump / "config.toml").write_text(to_toml(cfg))
-    ckpt = CheckpointManager(cfg, model, optimizer, scheduler, loader, rank, device)
+    ckpt = CheckpointManager(cfg, model, optimizer, scheduler, loader, rank, world_size, device)
     if cfg.checkpoint.create_seed_checkpoint:
         if world_size > 1 or not cfg.checkpoint.enable:
             raise TrainingError("checkpoint.create_seed_checkpoint needs one rank and checkpoint.enable = true")
         ckpt.save(0)
         return {}
     start = ckpt.load()
+    if start >= cfg.training.steps:
+        if rank == 0:
+            print(f"nothing to do: the checkpoint of step {start} in {ckpt.folder} has reached training.steps = "
+                  f"{cfg.training.steps}; raise training.steps to train further", flush=True)
+        if world_size > 1:
+            dist.destroy_process_group()
+        return {}
     metrics = build_metrics_logger(cfg, rank, device, fpt, H200_BF16_PEAK if device.type == "cuda" else None)
+    tb_dir = dump / cfg.metrics.save_tb_folder if cfg.metrics.enable_tensorboard else None  # one folder per run inside
     sigterm = SigtermFlag(device)
 
     last: dict[str, float] = {}
@@ -212,16 +234,32 @@ def train(cfg: JobConfig) -> dict[str, float]:
         stop = sigterm.requested()
         ckpt.maybe_save(step, force=stop or step == cfg.training.steps)
         if stop:
-            if rank == 0:
-                print(f"SIGTERM: stopped after step {step}", flush=True)
             break
     profiler.close()
     ckpt.close(export=not stop)
-    sigterm.restore()
     metrics.close()
+    if rank == 0:
+        print(end_of_run(cfg, step, stop, last, tb_dir), flush=True)
     if world_size > 1:
         dist.destroy_process_group()
     return last
+
+
+def end_of_run(cfg: JobConfig, step: int, stopped: bool, last: dict[str, float], tb_dir: Path | None) -> str:
+    """The run's last line: why it ended, its final losses, and where its outputs went."""
+    ckpt = Path(cfg.job.dump_folder) / cfg.checkpoint.folder
+    if stopped:
+        saved = f"saved {ckpt / f'step-{step}'}; run the same command to resume" if cfg.checkpoint.enable else \
+            "nothing saved (checkpoint.enable = false)"
+        return f"SIGTERM: stopped after step {step}, {saved}"
+    losses = ", ".join(f"{name} loss {last[key]:.4f}" for name, key in (("train", "loss/train"), ("val", "loss/val"))
+                       if key in last)
+    where = [f"outputs in {Path(cfg.job.dump_folder)}"]
+    if cfg.checkpoint.enable:
+        where.append(f"checkpoints in {ckpt}")
+    if tb_dir is not None:
+        where.append(f"TensorBoard events in {tb_dir}")
+    return f"done: step {step}, {losses}; {', '.join(where)}"
 
 
 def main(argv: list[str] | None = None) -> int:

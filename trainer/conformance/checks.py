@@ -16,13 +16,14 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from longhorn_zoo.config import load_config
 from longhorn_zoo.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
 from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.model import Block, ModelArgs, build_model
-from longhorn_zoo.ops import ScanOp
+from longhorn_zoo.ops import ScanOp, scan_op_names
 
 BF16_TOL = 5e-2
 """Largest error ratio of a bf16 forward against the fp32 forward of the same weights."""
@@ -198,8 +199,35 @@ _checked_ops: dict[str, tuple[ScanOp, str | None]] = {}
 """qualname -> (op, what broke or None): an op shared by several mixers is checked once per process."""
 
 
+class _OpRecorder(TorchDispatchMode):
+    """Records the name (``namespace::op``) of every op dispatched while it is active."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.names: set[str] = set()
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        self.names.add(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+def scan_ops_called(c: Conformance) -> set[str]:
+    """The scan ops (any plugin's) that the mixer's forward calls, by qualname."""
+    mixer = c.mixer()
+    recorder = _OpRecorder()
+    with c.checking("ops", "forward, recording the ops it calls"), torch.no_grad(), recorder:
+        mixer(c.inputs())
+    return recorder.names & scan_op_names()
+
+
 def check_ops(c: Conformance) -> None:
-    """Each scan op passes gradcheck and ``torch.library.opcheck`` on its example inputs in float64."""
+    """The forward calls no scan op that ``MixerSpec.ops`` leaves out, and each listed op passes gradcheck
+    and ``torch.library.opcheck`` on its example inputs in float64, and opcheck's fake-tensor test in
+    bfloat16 and float16."""
+    unlisted = sorted(scan_ops_called(c) - {op.qualname for op in c.spec.ops})
+    if unlisted:
+        raise c.fail("ops", f"forward calls the scan ops {unlisted}, which MixerSpec.ops does not list; add them "
+                            "to ops=(...) so that they are listed and checked")
     for op in c.spec.ops:
         cached = _checked_ops.get(op.qualname)
         if cached is None or cached[0] is not op:
@@ -211,6 +239,11 @@ def check_ops(c: Conformance) -> None:
             _checked_ops[op.qualname] = cached
         if cached[1] is not None:
             raise c.fail("ops", cached[1])
+
+
+LOW_PRECISION = (torch.bfloat16, torch.float16)
+"""The dtypes of the examples on which opcheck's fake-tensor test also runs: the fake must give each
+output the reference's dtype there too (a float32 state for bf16 inputs, say)."""
 
 
 def _check_op(c: Conformance, op: ScanOp) -> None:
@@ -228,6 +261,13 @@ def _check_op(c: Conformance, op: ScanOp) -> None:
         with c.checking("ops", f"{op.qualname}: opcheck on example {i} with non-contiguous inputs (the fake's "
                                "output strides must match the reference's)"):
             torch.library.opcheck(op.op, _transposed_layout(args), test_utils="test_faketensor")
+    for dtype in LOW_PRECISION:
+        with c.checking("ops", f"{op.qualname}: example_inputs in {dtype}"):
+            examples = list(op.example_inputs(dtype, torch.Generator().manual_seed(0)))
+        for i, args in enumerate(examples):
+            with c.checking("ops", f"{op.qualname}: opcheck on example {i} in {dtype} (the fake's output dtypes "
+                                   "must match the reference's)"):
+                torch.library.opcheck(op.op, tuple(args), test_utils="test_faketensor")
 
 
 def resetting_ops(c: Conformance) -> list[ScanOp]:
@@ -266,13 +306,14 @@ def check_compile(c: Conformance) -> None:
     """``torch.compile(fullgraph=True)`` of a block runs without graph breaks and matches eager, with gradients."""
     cfg = c.config.model
     args = ModelArgs.from_config(cfg, c.seq_len)
-    with torch.device("meta"):
+    with c.checking("compile", "building a block on the meta device"), torch.device("meta"):
         block = Block(c.spec.build(MixerArgs(c.dim, 0, c.n_layers, c.seq_len, dict(cfg.mixer))), args)
     block.to_empty(device="cpu")
     c.init(block, seed=0)
     x = c.inputs().requires_grad_()
-    y = block(x)
-    y.square().mean().backward()
+    with c.checking("compile", "the eager block's forward and backward (the reference)"):
+        y = block(x)
+        y.square().mean().backward()
     want = [x.grad, *(p.grad for p in block.parameters())]
     x.grad = None
     block.zero_grad(set_to_none=True)
@@ -294,7 +335,7 @@ def check_checkpoint(c: Conformance) -> None:
     """Saving the state_dict and loading it into a fresh model gives an identical output."""
     model = c.model(seed=0)
     inputs, _ = c.tokens()
-    with torch.no_grad():
+    with c.checking("checkpoint", "the LM's forward before saving"), torch.no_grad():
         want = model(inputs)
     buf = io.BytesIO()
     with c.checking("checkpoint", "torch.save(state_dict)"):
@@ -303,7 +344,7 @@ def check_checkpoint(c: Conformance) -> None:
     fresh = c.model(seed=1)
     with c.checking("checkpoint", "load_state_dict(strict=True)"):
         fresh.load_state_dict(torch.load(buf, weights_only=True), strict=True)
-    with torch.no_grad():
+    with c.checking("checkpoint", "the LM's forward after loading"), torch.no_grad():
         got = fresh(inputs)
     if not torch.equal(got, want):
         hidden = [n for n, b in model.named_buffers() if n not in model.state_dict()]

@@ -2,7 +2,8 @@
 
 Every loader yields dicts with ``inputs`` and ``labels`` (B, T) int64 tensors
 (labels equal to ``IGNORE`` are not scored) and has ``state_dict`` /
-``load_state_dict`` so a resumed run continues with the same batches. The text and
+``load_state_dict`` so a resumed run continues with the same batches;
+:func:`load_resharded` carries a state over to another number of ranks. The text and
 shards loaders also yield ``reset`` (B, T) bool: True where a new document starts.
 
 Where each dataset lives: ``mqar`` and ``bytes`` (``text.py``) are generated or
@@ -28,7 +29,8 @@ from longhorn_zoo.data.sources import TextSource
 from longhorn_zoo.data.text import BYTE_VOCAB, ByteWindows, split_corpus
 from longhorn_zoo.data.tokenizer import build_tokenizer
 
-__all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "build_dataloader", "resolve_vocab_size"]
+__all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "batch_order", "build_dataloader", "load_resharded",
+           "resolve_vocab_size"]
 
 
 class Loader(Protocol):
@@ -114,3 +116,32 @@ def build_dataloader(cfg: JobConfig, rank: int, world_size: int, split: str = "t
         return ShardLoader(ShardSet(Path(d.shard_dir) / split), t.local_batch_size, t.seq_len, rank, world_size,
                            cfg.training.seed * 1000 + (500 if split == "val" else 0), d.shuffle)
     raise ValueError(f"unknown data.dataset {d.dataset!r}")
+
+
+def batch_order(loader: Loader, saved_micro_batch: int, micro_batch: int) -> str:
+    """How the batches of a resumed run compare with an uninterrupted run's, in a few words.
+
+    Args:
+        loader: This run's loader.
+        saved_micro_batch, micro_batch: Sequences per micro-step over all ranks, when the
+            checkpoint was saved and now.
+    """
+    if saved_micro_batch == micro_batch or isinstance(loader, ShardLoader | PackedTextStream):
+        return "unchanged"  # a position in one sequence (or document) order, whatever the batch size
+    return (f"new batches from the saved generator ({micro_batch} sequences per draw over all ranks, was "
+            f"{saved_micro_batch}), not those of an uninterrupted run")
+
+
+def load_resharded(loader: Loader, state: dict[str, Any], saved_world_size: int, saved_micro_batch: int,
+                   micro_batch: int) -> str:
+    """Load into ``loader`` the state of a rank of a run on ``saved_world_size`` ranks; returns how the data
+    order compares with an uninterrupted run's (see :func:`batch_order`).
+
+    Generated and embedded data (mqar, bytes) keep one generator for all ranks, so the state carries
+    over as it is. Shards and text streams keep a position per rank: it is recomputed from the global
+    number of sequences (or documents) read.
+    """
+    if isinstance(loader, ShardLoader | PackedTextStream):
+        return loader.load_resharded(state, saved_world_size)
+    loader.load_state_dict(state)
+    return batch_order(loader, saved_micro_batch, micro_batch)

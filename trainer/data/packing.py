@@ -82,3 +82,11 @@ class PackedTextStream:
         self.docs_seen = int(state["docs_seen"])
         self.buf = np.frombuffer(state["buf"], dtype="<i8").astype(np.int64)
         self._docs = islice(self.source.documents(self.split), self.docs_seen, None)
+
+    def load_resharded(self, state: dict[str, Any], saved_world_size: int) -> str:
+        """Load the state of a rank of ``saved_world_size`` ranks: every rank had read the same documents, so this
+        rank goes on after them with its own share; the tokens the old ranks had read ahead are skipped."""
+        ahead = len(state["buf"]) // 8 - 1
+        self.load_state_dict({"docs_seen": state["docs_seen"], "buf": np.array([self.tok.eos_id], "<i8").tobytes()})
+        return (f"the same document order, after document {self.docs_seen:,} (skipping the tokens the old ranks "
+                f"had read ahead but not trained on: {ahead:,} on one of them)")

@@ -227,3 +227,14 @@ class ShardLoader:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.item = int(state["item"])
+
+    def load_resharded(self, state: dict[str, Any], saved_world_size: int) -> str:
+        """Load the state of a rank of ``saved_world_size`` ranks: the ranks read positions [0, item x W) of
+        their epoch's order together, so this rank goes on from that position of the same order."""
+        epoch, item = divmod(int(state["item"]), self.n_seqs // saved_world_size)
+        read = item * saved_world_size
+        first = min(-(-read // self.world_size), self.per_rank)  # round up: all ranks start at one position
+        self.item = epoch * self.per_rank + first
+        skipped = first * self.world_size - read
+        note = f"the same sequence order, from position {read:,} of epoch {epoch}"
+        return note + (f" (skipping {skipped} sequences to start every rank at one position)" if skipped > 0 else "")
