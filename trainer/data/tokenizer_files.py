@@ -17,6 +17,7 @@ lm-eval) and :func:`longhorn_zoo.data.tokenizer.build_tokenizer` on the written
 from __future__ import annotations
 
 import json
+import re
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,17 @@ def bpe_from_ranks(ranks: dict[bytes, int]) -> tuple[dict[str, int], list[tuple[
     return vocab, merges
 
 
+def onig_pattern(pattern: str) -> str:
+    """A tiktoken (fancy-regex) pattern as ``tokenizers``' Oniguruma reads it the same way.
+
+    Oniguruma reads ``X{1,3}+`` as ``(X{1,3})+``, not as the possessive ``X{1,3}`` tiktoken
+    means, so the ``+`` is dropped. Where nothing follows the repeat in its alternative (as in
+    tiktoken's cl100k and o200k patterns) there is nothing to backtrack for, and the greedy
+    repeat matches what the possessive one does. ``++``, ``*+`` and ``?+`` are possessive in both.
+    """
+    return re.sub(r"(\{\d+(?:,\d*)?\})\+", r"\1", pattern)
+
+
 def _byte_level(vocab: dict[str, int], merges: list[tuple[str, str]], pattern: str | None,
                 specials: dict[str, int]) -> Any:
     """A byte-level BPE; ``specials`` keep their ids (in the vocabulary, so gaps between ids stay)."""
@@ -72,7 +84,7 @@ def _byte_level(vocab: dict[str, int], merges: list[tuple[str, str]], pattern: s
     tok = Tokenizer(models.BPE(vocab | specials, merges, ignore_merges=True))
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.pre_tokenizer = byte_level if pattern is None else pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(pattern), behavior="isolated"), byte_level])
+        [pre_tokenizers.Split(Regex(onig_pattern(pattern)), behavior="isolated"), byte_level])
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens([AddedToken(name, special=True, normalized=False) for name in specials])
     return tok
