@@ -67,7 +67,12 @@ def run_lm_eval(folder: Path, tasks: list[str], batch_size: int = 1, device: str
     model_args = {"pretrained": str(folder), "dtype": dtype}
     if max_length is not None:
         model_args["max_length"] = max_length
-    manager = TaskManager(include_path=str(include_path) if include_path else None)
+    manager = None
+    if include_path is not None:  # indexing lm-eval's own thousands of tasks takes half a minute: skip it if we can
+        manager = TaskManager(include_path=str(include_path), include_defaults=False)
+        if not set(tasks) <= set(manager.all_tasks):
+            manager = None
+    manager = manager or TaskManager(include_path=str(include_path) if include_path else None)
     return lm_eval.simple_evaluate(model="hf", model_args=model_args, tasks=tasks, num_fewshot=num_fewshot,
                                    batch_size=batch_size, device=device, limit=limit, task_manager=manager,
                                    bootstrap_iters=bootstrap_iters, log_samples=False)
