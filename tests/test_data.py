@@ -289,6 +289,29 @@ def test_shards_feed_training_with_the_vocab_from_their_tokenizer(tmp_path: Path
     assert main(args) == 0
 
 
+def test_a_run_on_shards_records_their_tokenizer_for_generate(tmp_path: Path, monkeypatch, capsys) -> None:
+    from longhorn_zoo import generate
+    from longhorn_zoo.config import load_config
+    from longhorn_zoo.tomlcompat import tomllib
+    from longhorn_zoo.train import train
+
+    src = TextSource(str(write_jsonl(tmp_path / "c.jsonl", DOCS * 10)), val_docs=20)
+    prepare(src, "bytes", tmp_path / "shards", shard_tokens=3000, progress=False)
+    dump = tmp_path / "out"
+    cfg = load_config(None, ["--model.name", "longhorn", "--model.dim", "32", "--model.n_layers", "1",
+                             "--model.vocab_size", "-1", "--training.steps", "2", "--training.local_batch_size", "2",
+                             "--training.seq_len", "32", "--metrics.enable_tensorboard", "false",
+                             "--checkpoint.enable", "true", "--job.dump_folder", str(dump), "--data.dataset", "shards",
+                             "--data.shard_dir", str(tmp_path / "shards")])
+    assert cfg.data.tokenizer == "gpt2"  # the default, which these shards were not made with
+    train(cfg)
+    capsys.readouterr()
+    assert tomllib.loads((dump / "config.toml").read_text())["data"]["tokenizer"] == "bytes"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # gpt2 could not be fetched: generate must not need it
+    assert generate.main(["--checkpoint", str(dump), "--prompt", "document", "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.startswith("document")
+
+
 MEMORY_PROBE = textwrap.dedent("""
     import json, os, resource, sys
     from longhorn_zoo.data.packing import PackedTextStream

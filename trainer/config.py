@@ -159,7 +159,8 @@ class Data:
     val_docs: int = opt(1000, "text: leading train documents held out for validation when val_split is empty.",
                         valid=POSITIVE_INT)
     tokenizer: str = opt("gpt2", "text: bytes (EOS = NUL, vocab 256), a tiktoken encoding (gpt2, r50k_base, "
-                         "cl100k_base, o200k_base) or a local .tiktoken file. shards record their own.")
+                         "cl100k_base, o200k_base), a local .tiktoken file or a local Hugging Face tokenizer.json. "
+                         "shards record their own. A run's config.toml records the one it trained with.")
     shard_dir: str = opt("", "shards: the folder longhorn-zoo prepare wrote (with train/ and val/ inside).")
     shuffle: bool = opt(True, "shards: visit the sequences in a seeded random order each epoch.")
     document_boundaries: bool = opt(False, "text, shards: keep the documents packed into a row apart: every "

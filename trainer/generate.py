@@ -61,16 +61,21 @@ def generate(model: LM, prompt: Tensor, max_new_tokens: int, temperature: float 
 
 
 def text_codec(cfg: JobConfig) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """Encode and decode functions for the run's tokenizer (bytes for the embedded corpus)."""
-    from longhorn_zoo.data.tokenizer import ByteTokenizer, build_tokenizer
+    """Encode and decode functions for the tokenizer the run trained with (``data.tokenizer`` as recorded).
 
-    tok = ByteTokenizer() if cfg.data.dataset == "bytes" else build_tokenizer(cfg.data.tokenizer)
-    if isinstance(tok, ByteTokenizer):
-        return (lambda s: list(s.encode("utf-8"))), (lambda ids: bytes(i % 256 for i in ids).decode("utf-8", "replace"))
-    return (lambda s: list(tok.encode([s])[0])), (lambda ids: tok.enc.decode([i for i in ids if i < tok.n_vocab]))
+    Raises:
+        DataError: for a run without a tokenizer (MQAR), or one that cannot be loaded here.
+    """
+    from longhorn_zoo.data import DataError, run_tokenizer
+
+    tok = run_tokenizer(cfg)
+    if tok is None:
+        raise DataError(f"the run trained on {cfg.data.dataset} data, which has no tokenizer to encode a prompt")
+    return (lambda s: [int(i) for i in tok.encode([s])[0]]), tok.decode
 
 
 def main(argv: list[str] | None = None) -> int:
+    from longhorn_zoo.data import DataError
     from longhorn_zoo.inference import add_checkpoint_args, load_from_args
 
     p = argparse.ArgumentParser(prog="python -m longhorn_zoo.generate", description=__doc__.splitlines()[0])
@@ -86,7 +91,11 @@ def main(argv: list[str] | None = None) -> int:
     if loaded is None:
         return 1
     model, cfg = loaded
-    encode, decode = text_codec(cfg)
+    try:
+        encode, decode = text_codec(cfg)
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     ids = encode(args.prompt)
     if not ids:
         print("error: --prompt must not be empty", file=sys.stderr)

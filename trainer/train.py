@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from longhorn_zoo.checkpoint import CheckpointError, CheckpointManager, SigtermFlag
 from longhorn_zoo.config import ConfigError, JobConfig, parse_args, to_toml
-from longhorn_zoo.data import IGNORE, build_dataloader, resolve_vocab_size
+from longhorn_zoo.data import IGNORE, build_dataloader, resolve_tokenizer, resolve_vocab_size
 from longhorn_zoo.metrics import MetricsLogger, build_metrics_logger
 from longhorn_zoo.model import LM, build_model, flops_per_token
 from longhorn_zoo.ops import set_backend_preference
@@ -185,6 +185,7 @@ def _train(cfg: JobConfig, device: torch.device, sigterm: SigtermFlag) -> dict[s
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     set_backend_preference(cfg.model.op_backend)
     resolve_vocab_size(cfg)  # model.vocab_size from the tokenizer if -1; an error if too small
+    resolve_tokenizer(cfg)  # data.tokenizer: the one the data is in, recorded in config.toml below
     torch.manual_seed(cfg.training.seed)
 
     model, fpt = build_model_for_training(cfg, rank, world_size, device)

@@ -27,10 +27,10 @@ from longhorn_zoo.data.packing import PackedTextStream
 from longhorn_zoo.data.shards import ShardLoader, ShardSet, read_index
 from longhorn_zoo.data.sources import TextSource
 from longhorn_zoo.data.text import BYTE_VOCAB, ByteWindows, split_corpus
-from longhorn_zoo.data.tokenizer import build_tokenizer
+from longhorn_zoo.data.tokenizer import TIKTOKEN_FILES, ByteTokenizer, Tokenizer, build_tokenizer
 
 __all__ = ["IGNORE", "DataError", "Loader", "RankSlice", "batch_order", "build_dataloader", "load_resharded",
-           "resolve_vocab_size"]
+           "resolve_tokenizer", "resolve_vocab_size", "run_tokenizer"]
 
 
 class Loader(Protocol):
@@ -64,6 +64,32 @@ def resolve_vocab_size(cfg: JobConfig) -> int:
         raise DataError(f"model.vocab_size {cfg.model.vocab_size} is smaller than the data's vocabulary {need} "
                         f"({why}); set model.vocab_size = {need}, or -1 to take it from the data")
     return cfg.model.vocab_size
+
+
+def resolve_tokenizer(cfg: JobConfig) -> str | None:
+    """Set ``data.tokenizer`` to the tokenizer the data is in and return it; None for mqar, which has none.
+
+    Byte data is byte-level whatever ``data.tokenizer`` says, token shards name theirs in their
+    index, and a local tokenizer file is made absolute. Training records the result in the run's
+    ``config.toml``, so that eval, generate and export use the tokenizer the run trained with.
+    """
+    d = cfg.data
+    if d.dataset == "mqar":
+        return None
+    if d.dataset == "bytes":
+        d.tokenizer = "bytes"
+    elif d.dataset == "shards":
+        d.tokenizer = str(read_index(Path(d.shard_dir) / "train")["meta"]["tokenizer"])
+    elif d.tokenizer != "bytes" and d.tokenizer not in TIKTOKEN_FILES and Path(d.tokenizer).is_file():
+        d.tokenizer = str(Path(d.tokenizer).resolve())
+    return d.tokenizer
+
+
+def run_tokenizer(cfg: JobConfig) -> Tokenizer | None:
+    """The tokenizer of a trained run's config (as :func:`resolve_tokenizer` recorded it); None for mqar."""
+    if cfg.data.dataset == "mqar":
+        return None
+    return ByteTokenizer() if cfg.data.dataset == "bytes" else build_tokenizer(cfg.data.tokenizer)
 
 
 class RankSlice:

@@ -1,14 +1,16 @@
-"""Tokenizers for text sources: byte-level, tiktoken's standard encodings, a local ``.tiktoken`` file.
+"""Tokenizers for text sources: byte-level, tiktoken's standard encodings, a local ``.tiktoken`` file,
+or a local Hugging Face ``tokenizer.json``.
 
 Documents are encoded without special tokens and each is followed by ``eos_id``.
 ``vocab_size`` is the tokenizer's vocabulary padded up to a multiple of 64, the
-size the model's embedding must have at least. ``tiktoken`` is imported only here,
-when a tiktoken tokenizer is built.
+size the model's embedding must have at least. ``tiktoken`` and ``tokenizers`` are
+imported only here, when such a tokenizer is built.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from collections.abc import Sequence
@@ -20,6 +22,8 @@ import numpy as np
 from longhorn_zoo.data.errors import DataError, DataUnavailableError, offline
 
 ENDOFTEXT = "<|endoftext|>"
+# EOS candidates of a tokenizer.json without a tokenizer_config.json beside it, in order of preference.
+EOS_NAMES = (ENDOFTEXT, "<|end_of_text|>", "</s>", "<eos>", "<|eos|>")
 _BLOB = "https://openaipublic.blob.core.windows.net"
 # The files tiktoken downloads (and caches under TIKTOKEN_CACHE_DIR) for each standard encoding.
 TIKTOKEN_FILES = {
@@ -60,6 +64,10 @@ class Tokenizer:
         """Token ids of each text, without EOS."""
         raise NotImplementedError
 
+    def decode(self, ids: Sequence[int]) -> str:
+        """The text of ``ids``; ids past the tokenizer's vocabulary (the embedding's padding) are dropped."""
+        raise NotImplementedError
+
     def pack(self, texts: Sequence[str]) -> np.ndarray:
         """The texts' tokens, each document followed by EOS, as one array of ``self.dtype``."""
         parts: list[Any] = []
@@ -77,6 +85,9 @@ class ByteTokenizer(Tokenizer):
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         return [np.frombuffer(t.encode("utf-8", "replace").replace(b"\0", b""), np.uint8) for t in texts]
 
+    def decode(self, ids: Sequence[int]) -> str:
+        return bytes(i for i in ids if i < self.n_vocab).decode("utf-8", "replace")
+
 
 class TiktokenTokenizer(Tokenizer):
     """A ``tiktoken.Encoding`` whose ``<|endoftext|>`` (or, failing that, ``eot_token``) is EOS."""
@@ -89,6 +100,56 @@ class TiktokenTokenizer(Tokenizer):
 
     def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
         return self.enc.encode_ordinary_batch(list(texts), num_threads=1)
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.enc.decode([i for i in ids if i < self.n_vocab])
+
+
+class HFTokenizer(Tokenizer):
+    """A Hugging Face ``tokenizers`` file (``tokenizer.json``), read from disk with no download.
+
+    EOS is the ``eos_token`` of a ``tokenizer_config.json`` beside the file, else the
+    first of :data:`EOS_NAMES` in its vocabulary.
+    """
+
+    def __init__(self, path: Path) -> None:
+        try:
+            from tokenizers import Tokenizer as RustTokenizer
+        except ImportError:
+            raise DataError(f"data.tokenizer {str(path)!r} needs tokenizers: pip install 'longhorn-zoo[hf]'") from None
+        if not path.is_file():
+            raise DataError(f"tokenizer file {path} does not exist")
+        try:
+            self.tok = RustTokenizer.from_file(str(path))
+        except Exception as e:
+            raise DataError(f"tokenizer file {path} is not a valid Hugging Face tokenizer.json: {e}") from e
+        self.path, self.name = path, str(path)
+        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        self.eos_token = _eos_token(path, self.tok)
+        self.eos_id = self.tok.token_to_id(self.eos_token)
+
+    def encode(self, texts: Sequence[str]) -> list[Sequence[int]]:
+        return [e.ids for e in self.tok.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Sequence[int]) -> str:
+        return self.tok.decode([i for i in ids if i < self.n_vocab], skip_special_tokens=False)
+
+
+def _eos_token(path: Path, tok: Any) -> str:
+    """The EOS token of tokenizer.json ``path``: its tokenizer_config.json's, else a known EOS name."""
+    config = path.with_name("tokenizer_config.json")
+    if config.is_file():
+        eos = json.loads(config.read_text()).get("eos_token")
+        eos = eos.get("content") if isinstance(eos, dict) else eos
+        if eos is not None:
+            if tok.token_to_id(eos) is None:
+                raise DataError(f"{config} names eos_token {eos!r}, which {path} does not hold")
+            return eos
+    for name in EOS_NAMES:
+        if tok.token_to_id(name) is not None:
+            return name
+    raise DataError(f"tokenizer file {path} has no EOS token: none of {', '.join(EOS_NAMES)} is in its vocabulary. "
+                    f"Add one as a special token, or write {config} with an \"eos_token\" it holds")
 
 
 def tiktoken_cache_dir() -> Path | None:
@@ -113,13 +174,16 @@ def _require_cached(name: str) -> None:
 
 
 def build_tokenizer(spec: str) -> Tokenizer:
-    """``bytes``, a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base) or a ``.tiktoken`` path.
+    """``bytes``, a tiktoken encoding name (gpt2, r50k_base, cl100k_base, o200k_base), a ``.tiktoken`` path
+    or a Hugging Face ``tokenizer.json`` path (any name ending in ``.json``).
 
-    A local file gets ``<|endoftext|>`` as the id after its last rank, and the gpt2/r50k
+    A local ``.tiktoken`` file gets ``<|endoftext|>`` as the id after its last rank, and the gpt2/r50k
     pre-tokenization pattern if its stem names one of those encodings, else cl100k's.
     """
     if spec == "bytes":
         return ByteTokenizer()
+    if spec.endswith(".json"):
+        return HFTokenizer(Path(spec))
     try:
         import tiktoken
         from tiktoken.load import load_tiktoken_bpe
@@ -135,7 +199,7 @@ def build_tokenizer(spec: str) -> Tokenizer:
     path = Path(spec)
     if path.suffix != ".tiktoken":
         raise DataError(f"data.tokenizer {spec!r} is not bytes, one of {', '.join(TIKTOKEN_FILES)}, "
-                        "or a path to a .tiktoken file")
+                        "a path to a .tiktoken file or a path to a tokenizer.json file")
     if not path.is_file():
         raise DataError(f"tokenizer file {path} does not exist")
     try:
