@@ -96,14 +96,15 @@ def test_conv_peer_is_the_op_when_there_are_no_resets() -> None:
         torch.testing.assert_close(got, want)
 
 
-def test_conv_sweep_pins_each_config_and_restores_the_kernels() -> None:
+def test_conv_sweep_swaps_the_kernels_per_config_and_restores_them() -> None:
     pytest.importorskip("triton")
     from longhorn_zoo.plugins.selective_scan import conv_triton as ct
 
     case = next(c for c in bench.build_cases() if c.name == "conv")
     before = ct._fwd, ct._bwd
-    pinned = [len(ct._fwd.kernel.configs) for _ in case.sweep(8, 2048)]
-    assert pinned == [1] * (len(ct.FWD_CONFIGS) * len(ct.BWD_CONFIGS)) and (ct._fwd, ct._bwd) == before
+    pinned = [(ct._fwd, ct._bwd) for _ in case.sweep(8, 2048)]
+    assert len(pinned) == len(ct.FWD_CONFIGS) * len(ct.BWD_CONFIGS) and before not in pinned
+    assert (ct._fwd, ct._bwd) == before
 
 
 def test_help_and_option_errors_need_no_gpu(capsys: pytest.CaptureFixture[str]) -> None:

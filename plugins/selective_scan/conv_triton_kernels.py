@@ -62,12 +62,11 @@ def _preact(x, w, bias, s0, r, q, e, T, E, sxt, sxe, sse, ssk, swe, swk,
     if HAS_BIAS:
         acc += tl.load(bias + e, mask=em, other=0.0).to(tl.float32)[None, :]
     seen = tl.full([N], 1, tl.int1)  # no document starts at q-s+1..q
-    for s in tl.static_range(K):
-        if HAS_RESET and s > 0:
-            seen = seen & _no_reset(r, q - s + 1, T)
+    for s in tl.range(0, K, loop_unroll_factor=1):  # a loop, not unrolled: few registers, many programs
         xs = _x_at(x, s0, q - s, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE)
         if HAS_RESET:
             xs = tl.where(seen[:, None], xs, 0.0)
+            seen = seen & _no_reset(r, q - s, T)
         tap = tl.load(w + e * swe + (K - 1 - s) * swk, mask=em, other=0.0).to(tl.float32)
         acc += tap[None, :] * xs
     return acc
@@ -93,8 +92,8 @@ def conv_fwd_kernel(x, w, bias, s0, r, y, sT, T, E, sxb, sxt, sxe, ssb, sse, ssk
         v = _x_at(x, s0, p, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE)
         if HAS_RESET:
             v = tl.where(_kept(r, p, T, KP, K)[:, None], v, 0.0)
-        out = sT + (b * E + e[None, :]) * (K - 1) + i[:, None]
-        tl.store(out, v.to(sT.dtype.element_ty), mask=(i < K - 1)[:, None] & em)
+        tl.store(sT + (b * E + e[None, :]) * (K - 1) + i[:, None], v.to(sT.dtype.element_ty),
+                 mask=(i < K - 1)[:, None] & em)  # fmt: skip
 
 
 @triton.jit
@@ -102,22 +101,18 @@ def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, sw
              N: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr, SILU: tl.constexpr,
              HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr,
              HAS_DST: tl.constexpr):  # fmt: skip
-    """For the inputs at positions p (N,) of one batch row: their gradient (N, BE), and the sums over
-    those marked ``own`` of their weight-gradient terms (KP2, BE) (row j: tap j) and bias-gradient terms (BE,)."""
+    """For the inputs at positions p (N,) of one batch row: their gradient (N, BE), and (KP2, BE) sums over
+    those marked ``own``: rows 0..K-1 their weight-gradient terms (row j: tap j), row K their bias terms."""
     em = e < E
     xp = tl.where(own[:, None], _x_at(x, s0, p, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE), 0.0)
     dxp = tl.zeros([N, BE], tl.float32)
-    dw = tl.zeros([KP2, BE], tl.float32)
-    db = tl.zeros([BE], tl.float32)
+    sums = tl.zeros([KP2, BE], tl.float32)
     rows = tl.arange(0, KP2)[:, None]
-    seen = tl.full([N], 1, tl.int1)  # no document starts at p+1..q
-    for s in tl.static_range(K):
+    seen = tl.full([N], 1, tl.int1)  # no document starts at p+1..p+s
+    for s in tl.range(0, K, loop_unroll_factor=1):
         q = p + s
-        if HAS_RESET and s > 0:
-            seen = seen & _no_reset(r, q, T)
-        qm = (q >= 0) & (q < T)
-        g = tl.load(dy + q[:, None].to(tl.int64) * sdt + e[None, :] * sde, mask=qm[:, None] & em[None, :],
-                    other=0.0).to(tl.float32)  # fmt: skip
+        g = tl.load(dy + q[:, None].to(tl.int64) * sdt + e[None, :] * sde,
+                    mask=((q >= 0) & (q < T))[:, None] & em[None, :], other=0.0).to(tl.float32)  # fmt: skip
         if SILU:
             a = _preact(x, w, bias, s0, r, q, e, T, E, sxt, sxe, sse, ssk, swe, swk,
                         N, BE, K, HAS_BIAS, HAS_STATE, HAS_RESET)  # fmt: skip
@@ -125,11 +120,12 @@ def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, sw
             g = g * sg * (1.0 + a * (1.0 - sg))
         if HAS_RESET:
             g = tl.where(seen[:, None], g, 0.0)
+            seen = seen & _no_reset(r, q + 1, T)
         if s == 0:
-            db = tl.sum(tl.where(own[:, None], g, 0.0), 0)
+            sums = tl.where(rows == K, sums + tl.sum(tl.where(own[:, None], g, 0.0), 0)[None, :], sums)
         tap = tl.load(w + e * swe + (K - 1 - s) * swk, mask=em, other=0.0).to(tl.float32)
         dxp += tap[None, :] * g
-        dw = tl.where(rows == K - 1 - s, dw + tl.sum(xp * g, 0)[None, :], dw)
+        sums = tl.where(rows == K - 1 - s, sums + tl.sum(xp * g, 0)[None, :], sums)
     if HAS_DST:
         idx = p - (T - (K - 1))
         hit = (idx >= 0) & (idx < K - 1)
@@ -137,7 +133,7 @@ def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, sw
             hit = hit & _kept(r, p, T, N, K)
         dxp += tl.load(dsT + e[None, :] * sfe + idx[:, None] * sfk, mask=hit[:, None] & em[None, :],
                        other=0.0).to(tl.float32)  # fmt: skip
-    return dxp, dw, db
+    return dxp, sums
 
 
 @triton.jit
@@ -151,26 +147,22 @@ def conv_bwd_kernel(x, w, bias, s0, r, dy, dsT, dx, ds0, part, T, E, CT, sxb, sx
     x, s0, r, dy, dsT = x + b * sxb, s0 + b * ssb, r + b * T, dy + b * sdb, dsT + b * sfb  # this batch row
     e = i_e * BE + tl.arange(0, BE)
     em = (e < E)[None, :]
-    dw_acc = tl.zeros([KP2, BE], tl.float32)
-    db_acc = tl.zeros([BE], tl.float32)
+    acc = tl.zeros([KP2, BE], tl.float32)
     for t0 in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
         p = t0 + tl.arange(0, BT)
-        dxp, dw, db = _grad_at(x, w, bias, s0, r, dy, dsT, p, p < T, e, T, E, sxt, sxe, sse, ssk, swe, swk,
+        dxp, sums = _grad_at(x, w, bias, s0, r, dy, dsT, p, p < T, e, T, E, sxt, sxe, sse, ssk, swe, swk,
                                sdt, sde, sfe, sfk, BT, BE, K, KP2, SILU, HAS_BIAS, HAS_STATE, HAS_RESET,
                                HAS_DST)  # fmt: skip
         tl.store(dx + (b * T + p[:, None]) * E + e[None, :], dxp.to(dx.dtype.element_ty), mask=(p < T)[:, None] & em)
-        dw_acc += dw
-        db_acc += db
+        acc += sums
     if HAS_STATE:
         if i_c == 0:
-            i = tl.arange(0, KP)
-            p = i - (K - 1)
-            dxp, dw, db = _grad_at(x, w, bias, s0, r, dy, dsT, p, p < 0, e, T, E, sxt, sxe, sse, ssk, swe, swk,
-                                   sdt, sde, sfe, sfk, KP, BE, K, KP2, SILU, HAS_BIAS, HAS_STATE, HAS_RESET,
-                                   HAS_DST)  # fmt: skip
-            tl.store(ds0 + (b * E + e[None, :]) * (K - 1) + i[:, None], dxp, mask=(i < K - 1)[:, None] & em)
-            dw_acc += dw
+            i = tl.arange(0, KP)  # names of their own: a runtime if may not retype the loop's p, dxp
+            ps = i - (K - 1)
+            ds, sums = _grad_at(x, w, bias, s0, r, dy, dsT, ps, ps < 0, e, T, E, sxt, sxe, sse, ssk, swe, swk,
+                                  sdt, sde, sfe, sfk, KP, BE, K, KP2, SILU, HAS_BIAS, HAS_STATE, HAS_RESET,
+                                  HAS_DST)  # fmt: skip
+            tl.store(ds0 + (b * E + e[None, :]) * (K - 1) + i[:, None], ds, mask=(i < K - 1)[:, None] & em)
+            acc += sums
     rows = tl.arange(0, KP2)[:, None]
-    row0 = part + (b * tl.num_programs(1) + i_c) * (K + 1) * E
-    tl.store(row0 + rows * E + e[None, :], dw_acc, mask=(rows < K) & em)
-    tl.store(row0 + K * E + e, db_acc, mask=e < E)
+    tl.store(part + ((b * tl.num_programs(1) + i_c) * (K + 1) + rows) * E + e[None, :], acc, mask=(rows <= K) & em)
