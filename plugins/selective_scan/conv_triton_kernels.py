@@ -13,9 +13,10 @@ Positions -(K-1)..-1 read the initial state.
 
 The backward recomputes a at the K shifts p..p+K-1 of its tile (loads of x it made a moment before,
 served from L1/L2), so it reads x and dy once from memory and stores nothing but dx, the initial
-state's gradient and one (K+1, BE) row of fp32 partial sums of dw and dbias per program; each
-program loops over the tiles of a chunk of CT steps, and a ``sum`` over the programs finishes
-the reduction (deterministic, no atomics).
+state's gradient and one (K+1, BE) tile of fp32 partial sums per program (rows 0..K-1 dw, row K
+dbias); each program loops over the tiles of a chunk of CT steps, and a ``sum`` over the programs
+finishes the reduction (deterministic, no atomics). The loops over taps are runtime loops, so the
+K x K recomputed taps are never all live at once: it keeps the registers (and spills) down.
 """
 
 from __future__ import annotations
