@@ -4,8 +4,8 @@
 ``longhorn_zoo::causal_conv1d_fwd`` and ``longhorn_zoo::causal_conv1d_bwd`` are
 ``torch.library.triton_op`` ops, so under ``torch.compile`` Inductor sees the kernels and there is
 no graph break. Importing this module imports Triton; :mod:`.conv` does so only when the backend
-runs. x, dy and the states are read in place through their strides (the block's x is a slice of
-in_proj's output, row stride 2E); nothing is copied but the (B, T) reset mask, as uint8.
+runs. x and dy are read in place through their strides (the block's x is a slice of in_proj's
+output, row stride 2E); only tiny tensors are copied (see :func:`_common`).
 """
 
 from __future__ import annotations
@@ -20,16 +20,16 @@ from torch.library import triton_op, wrap_triton
 
 from longhorn_zoo.plugins.selective_scan import conv_triton_kernels as kern
 
-FWD_CONFIGS = [(32, 128, 4), (64, 128, 4), (64, 256, 8)]
-"""(BT steps, BE channels, warps) the forward's autotuner tries."""
-BWD_CONFIGS = [(16, 128, 4), (32, 128, 8), (16, 256, 8), (8, 128, 4), (8, 256, 4), (16, 64, 2), (32, 64, 4)]
-"""(BT steps, BE channels, warps) the backward's first pass tries; every BT divides CHUNK_MULTIPLE.
-Its second pass (dx from g) tries the forward's."""
+FWD_CONFIGS = [(16, 128, 4), (32, 128, 4), (64, 128, 8)]
+"""(BT steps, BE channels, warps) the forward's autotuner tries. ptxas (sm_90, bf16, with state and
+resets): 64, 119 and 123 registers, no spills."""
+BWD_CONFIGS = [(8, 128, 4), (16, 128, 8), (32, 128, 8)]
+"""(BT steps, BE channels, warps) the backward's autotuner tries; every BT divides CHUNK_MULTIPLE.
+ptxas (sm_90, bf16, with state and resets): 128, 116 and 177 registers, no spills to speak of."""
 CHUNK_MULTIPLE = 64
 """The backward's chunk of steps per program is a multiple of this (so of every BT)."""
-MIN_BWD_PROGRAMS = 8192
-"""The backward's first pass splits time into chunks until about this many programs run (at 128 channels a
-program): each program loops over its chunk, so short chunks keep more loads in flight."""
+MIN_BWD_PROGRAMS = 1024
+"""The backward splits time into chunks until about this many programs run (at 128 channels a program)."""
 
 
 def _autotuned(kernel, configs: list[tuple[int, int, int]]):
@@ -40,8 +40,7 @@ def _autotuned(kernel, configs: list[tuple[int, int, int]]):
 
 
 _fwd = _autotuned(kern.conv_fwd_kernel, FWD_CONFIGS)
-_bwd_gate = _autotuned(kern.conv_bwd_gate_kernel, BWD_CONFIGS)
-_bwd_input = _autotuned(kern.conv_bwd_input_kernel, FWD_CONFIGS)
+_bwd = _autotuned(kern.conv_bwd_kernel, BWD_CONFIGS)
 
 
 @contextlib.contextmanager
@@ -50,14 +49,13 @@ def use_configs(fwd: list[tuple[int, int, int]], bwd: list[tuple[int, int, int]]
 
     Every backward BT must divide :data:`CHUNK_MULTIPLE`.
     """
-    global _fwd, _bwd_gate, _bwd_input
-    saved = _fwd, _bwd_gate, _bwd_input
-    _fwd, _bwd_gate, _bwd_input = (_autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_gate_kernel, bwd),
-                                   _autotuned(kern.conv_bwd_input_kernel, fwd))
+    global _fwd, _bwd
+    saved = _fwd, _bwd
+    _fwd, _bwd = _autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_kernel, bwd)
     try:
         yield
     finally:
-        _fwd, _bwd_gate, _bwd_input = saved
+        _fwd, _bwd = saved
 
 
 def _pow2(n: int) -> int:
@@ -72,15 +70,26 @@ def _chunk(bsz: int, seqlen: int, chans: int) -> int:
     return CHUNK_MULTIPLE * triton.cdiv(triton.cdiv(seqlen, nchunks), CHUNK_MULTIPLE)
 
 
+def _channels_last(t: Tensor) -> tuple[Tensor, tuple[int, int, int]]:
+    """A (B, E, K-1) state as a contiguous (B, K-1, E) copy (tiny), and the strides the kernels take for the
+    state, (batch, channel, tap): the kernels then read a state row as they read an x row, vectorised."""
+    c = t.transpose(1, 2).contiguous()
+    return c, (c.stride(0), c.stride(2), c.stride(1))
+
+
 def _common(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tensor | None,
             reset: Tensor | None, activation: str) -> tuple[list, dict]:  # fmt: skip
-    """Pointer and stride arguments shared by both kernels (absent tensors stand in as x), and constexprs."""
+    """Pointer and stride arguments shared by both kernels (absent tensors stand in as x), and constexprs.
+
+    x is read in place; the weight (as (K, E)) and the initial state (as (B, K-1, E)) are tiny copies with
+    channels contiguous, and the reset mask a uint8 copy (Inductor cannot bitcast bool).
+    """
     ksize = weight.shape[1]
-    r = None if reset is None else reset.to(torch.uint8).contiguous()  # a copy: Inductor cannot bitcast bool
-    s0_strides = (0, 0, 0) if initial_state is None else initial_state.stride()
-    s0 = x if initial_state is None else initial_state
-    ptrs = [x, weight, x if bias is None else bias, s0, x if r is None else r]
-    strides = [*x.stride(), *s0_strides, *weight.stride()]
+    wt = weight.t().contiguous()
+    r = None if reset is None else reset.to(torch.uint8).contiguous()
+    s0, s0_strides = (x, (0, 0, 0)) if initial_state is None else _channels_last(initial_state)
+    ptrs = [x, wt, x if bias is None else bias, s0, x if r is None else r]
+    strides = [*x.stride(), *s0_strides, wt.stride(1), wt.stride(0)]
     meta = dict(K=ksize, KP=_pow2(ksize - 1), SILU=activation == "silu", HAS_BIAS=bias is not None,
                 HAS_STATE=initial_state is not None, HAS_RESET=reset is not None)  # fmt: skip
     return [ptrs, strides], meta
@@ -117,23 +126,13 @@ def conv_bwd(
     dx = x.new_empty(bsz, seqlen, chans)
     ds0 = x.new_zeros(bsz, chans, ksize - 1, dtype=torch.float32)
     part = x.new_empty(bsz * nchunks, ksize + 1, chans, dtype=torch.float32)
-    df = d_final_state
-    df_strides = (0, 0, 0) if df is None else df.stride()
+    df, df_strides = (dy, (0, 0, 0)) if d_final_state is None else _channels_last(d_final_state)
 
-    g = x.new_empty(bsz, seqlen, chans, dtype=torch.float32)
-    x_ptrs, x_strides = ptrs[:5], strides
-
-    def gate_grid(m: dict) -> tuple[int, int, int]:
+    def grid(m: dict) -> tuple[int, int, int]:
         return triton.cdiv(chans, m["BE"]), nchunks, bsz
 
-    def input_grid(m: dict) -> tuple[int, int, int]:
-        return triton.cdiv(seqlen, m["BT"]), triton.cdiv(chans, m["BE"]), bsz
-
-    _bwd_gate[gate_grid](*x_ptrs, dy, g, part, seqlen, chans, ct, *x_strides, *dy.stride(), KP2=_pow2(ksize),
-                         **meta)  # fmt: skip
-    _bwd_input[input_grid](ptrs[1], ptrs[4], g, dy if df is None else df, dx, ds0, seqlen, chans,
-                           *weight.stride(), *df_strides, K=meta["K"], KP=meta["KP"], HAS_STATE=meta["HAS_STATE"],
-                           HAS_RESET=meta["HAS_RESET"], HAS_DST=df is not None)  # fmt: skip
+    _bwd[grid](*ptrs, dy, df, dx, ds0, part, seqlen, chans, ct, *strides, *dy.stride(),
+               *df_strides, KP2=_pow2(ksize + 1), HAS_DST=d_final_state is not None, **meta)  # fmt: skip
     sums = part.sum(0)
     dw = sums[:ksize].t().contiguous().to(weight.dtype)
     db = sums[ksize].to(weight.dtype if bias is None else bias.dtype)
