@@ -89,6 +89,22 @@ def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
         torch.testing.assert_close(theirs(tokens).logits, model(tokens), rtol=0, atol=1e-6)
 
 
+def test_a_model_built_from_its_config_is_initialised_as_the_trainer_initialises_it():
+    _, cfg = tiny("llama")
+    config = longhorn_zoo.hf.LonghornZooConfig(mixer="llama", mixer_options=cfg.model.mixer, dim=64, n_layers=2,
+                                                max_seq_len=SEQ, mlp=cfg.model.mlp)
+    theirs = LonghornZooForCausalLM(config)
+    ours = build_model(cfg.model, SEQ, "meta")
+    ours.to_empty(device="cpu")
+    torch.manual_seed(5)
+    theirs.initialize_weights()
+    torch.manual_seed(5)
+    ours.init_weights()
+    expected = dict(ours.named_buffers()) | ours.state_dict()
+    got = dict(theirs.model.named_buffers()) | theirs.model.state_dict()
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_weights_past_the_shard_size_are_split_and_read_back(tmp_path):
     model, cfg = tiny("longhorn")
     save_folder(model, cfg, tmp_path, ByteTokenizer(), max_shard_size=parse_size("64KB"))

@@ -75,10 +75,21 @@ class LonghornZooForCausalLM(PreTrainedModel, GenerationMixin):
     def _supports_default_dynamic_cache(cls) -> bool:
         return False  # generate() must not make a KV-cache object: the mixers keep their own state
 
-    def _init_weights(self, module: torch.nn.Module) -> None:
-        """Initialise a fresh LM as the trainer does; an LM with loaded weights (from_pretrained) is left alone."""
-        if isinstance(module, LM) and not any(getattr(p, "_is_hf_initialized", False) for p in module.parameters()):
-            module.init_weights()
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """Initialise the LM as the trainer does, then put back what ``from_pretrained`` loaded.
+
+        ``transformers`` initialises module by module and skips those whose own tensors were
+        loaded; our mixers initialise as a whole (``init_weights``), which also fills the buffers
+        no file holds (non-persistent ones such as Llama's RoPE table). The loaded tensors are
+        those ``transformers`` marks ``_is_hf_initialized``; they are copied aside meanwhile.
+        """
+        loaded = {k: v.detach().clone() for k, v in self.model.state_dict(keep_vars=True).items()
+                  if getattr(v, "_is_hf_initialized", False)}
+        self.model.init_weights()
+        current = self.model.state_dict()
+        for k, v in loaded.items():
+            current[k].copy_(v)
 
     def get_input_embeddings(self) -> torch.nn.Embedding:
         return self.model.tok_embeddings
