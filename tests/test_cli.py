@@ -17,7 +17,8 @@ def test_help_lists_every_command_with_its_module(capsys):
     out = capsys.readouterr().out
     for name, cmd in cli.COMMANDS.items():
         assert f"  {name}  " in out and f"python -m {cmd.module.removesuffix('.__main__')}" in out
-    assert set(cli.COMMANDS) == {"train", "eval", "generate", "export", "plugins", "prepare", "conformance"}
+    assert set(cli.COMMANDS) == {"train", "eval", "generate", "export", "hf-export", "lm-eval", "plugins", "prepare",
+                                 "conformance"}
     assert all(callable(cmd.entry()) for cmd in cli.COMMANDS.values())
 
 

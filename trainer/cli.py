@@ -39,6 +39,10 @@ COMMANDS: dict[str, Command] = {
     "generate": Command("longhorn_zoo.generate", "main", "sample text from a trained run (recurrent decoding)"),
     "export": Command("longhorn_zoo.checkpoint", "main", "write a DCP checkpoint's model weights as one "
                       "torch.save file", ("export",)),
+    "hf-export": Command("longhorn_zoo.export", "main", "write a trained run as a Hugging Face model folder "
+                         "(safetensors, config.json, tokenizer; needs the hf extra)"),
+    "lm-eval": Command("longhorn_zoo.lm_eval", "main", "run lm-evaluation-harness tasks on a trained run "
+                       "(needs the hf extra)"),
     "plugins": Command("longhorn_zoo.registry", "main", "list the installed mixer plugins and their op backends"),
     "prepare": Command("longhorn_zoo.data.prepare", "main", "tokenize a text source into token shards "
                        "(needs the data extra)"),
