@@ -70,7 +70,8 @@ __all__ = ["CheckpointError", "CheckpointManager", "SigtermFlag", "export_checkp
 # DCP warns at every save and load without a process group that it assumes one process: here that is intended.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+EXPORT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+"""The dtypes exported weights can take (checkpoint.export_dtype, the export commands)."""
 
 
 class CheckpointError(RuntimeError):
@@ -300,7 +301,7 @@ class CheckpointManager:
         state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         if self.rank == 0:
             path.parent.mkdir(parents=True, exist_ok=True)
-            torch.save({k: v.to(_DTYPES[self.cfg.export_dtype]) for k, v in state.items()}, path)
+            torch.save({k: v.to(EXPORT_DTYPES[self.cfg.export_dtype]) for k, v in state.items()}, path)
             self._log(f"exported model weights to {path}")
         self._barrier()
         return path
@@ -381,7 +382,7 @@ def export_checkpoint(checkpoint: Path, out: Path, dtype: str = "float32") -> Pa
     """
     model = read_model_weights(checkpoint)
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({k: v.to(_DTYPES[dtype]) for k, v in model.items()}, out)
+    torch.save({k: v.to(EXPORT_DTYPES[dtype]) for k, v in model.items()}, out)
     return out
 
 
@@ -392,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     exp.add_argument("--checkpoint", type=Path, required=True,
                      help="a run's dump folder, its checkpoint folder or a step-N folder")
     exp.add_argument("--out", type=Path, required=True, help="output .pt file")
-    exp.add_argument("--dtype", default="float32", choices=sorted(_DTYPES))
+    exp.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
     args = parser.parse_args(argv)
     try:
         out = export_checkpoint(args.checkpoint, args.out, args.dtype)

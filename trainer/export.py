@@ -14,11 +14,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from longhorn_zoo.checkpoint import CheckpointError
+from longhorn_zoo.checkpoint import EXPORT_DTYPES, CheckpointError
 from longhorn_zoo.config import ConfigError
 from longhorn_zoo.data import DataError, run_tokenizer
 from longhorn_zoo.data.tokenizer import build_tokenizer
-from longhorn_zoo.model_folder import DEFAULT_SHARD_SIZE, DTYPES, FolderError, parse_size, save_folder
+from longhorn_zoo.model_folder import DEFAULT_SHARD_SIZE, FolderError, parse_size, save_folder
 
 
 def export_run(checkpoint: Path, out: Path, config: Path | None = None, dtype: str = "float32",
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="dump folder, checkpoint folder, step-N folder, or exported model.pt")
     p.add_argument("--config", type=Path, help="training config (default: config.toml next to the checkpoint)")
     p.add_argument("--out", type=Path, required=True, help="the model folder to write")
-    p.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    p.add_argument("--dtype", default="float32", choices=sorted(EXPORT_DTYPES))
     p.add_argument("--max-shard-size", default="5GB", help="split the weights into files of at most this size")
     p.add_argument("--tokenizer", help="carry this tokenizer (a data.tokenizer spec) instead of the run's")
     args = p.parse_args(argv)

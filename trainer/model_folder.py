@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from longhorn_zoo.checkpoint import EXPORT_DTYPES
 from longhorn_zoo.config import JobConfig
 from longhorn_zoo.config import Model as ModelConfig
 from longhorn_zoo.data.tokenizer import Tokenizer
@@ -36,7 +37,6 @@ from longhorn_zoo.model import LM, ModelArgs
 MODEL_TYPE = "longhorn_zoo"
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
 PREFIX = "model."
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 DEFAULT_SHARD_SIZE = 5 * 2**30
 SHIMS = {
     "configuration_longhorn_zoo.py": "from longhorn_zoo.hf.configuration import LonghornZooConfig  # noqa: F401\n",
@@ -119,7 +119,7 @@ def write_weights(state: Mapping[str, Tensor], folder: Path, dtype: str, max_sha
     """Write ``state`` (our LM's names) as safetensors in ``folder``, sharded past ``max_shard_size`` bytes."""
     from safetensors.torch import save_file
 
-    tensors = {PREFIX + k: v.detach().to("cpu", DTYPES[dtype]).contiguous() for k, v in state.items()
+    tensors = {PREFIX + k: v.detach().to("cpu", EXPORT_DTYPES[dtype]).contiguous() for k, v in state.items()
                if not (tied and k == "output.weight")}
     groups = _shards(tensors, max_shard_size)
     if len(groups) == 1:
@@ -140,8 +140,8 @@ def save_folder(model: LM, cfg: JobConfig, out: Path, tokenizer: Tokenizer | Non
     """Write ``model`` (trained with ``cfg`` and ``tokenizer``) as a model folder ``out``; returns ``out``."""
     from longhorn_zoo.data.tokenizer_files import write_tokenizer_files
 
-    if dtype not in DTYPES:
-        raise FolderError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if dtype not in EXPORT_DTYPES:
+        raise FolderError(f"dtype {dtype!r} is not one of {', '.join(EXPORT_DTYPES)}")
     out.mkdir(parents=True, exist_ok=True)
     for stale in [*out.glob("model*.safetensors"), out / INDEX]:  # a previous export's shards
         stale.unlink(missing_ok=True)
