@@ -1,4 +1,4 @@
-"""Shared fixtures: throwaway plugins installed as dist-info folders on sys.path."""
+"""Shared fixtures: throwaway plugins installed as dist-info folders on sys.path; the ``slow`` marker."""
 
 from __future__ import annotations
 
@@ -7,6 +7,18 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "slow: a minute or more on 2 CPU cores (torchrun ranks, compilers, whole "
+                                       "pipelines); CI runs them, `pytest -m 'not slow'` leaves them out")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The conformance suite's compile and distributed checks are slow too."""
+    for item in items:
+        if item.get_closest_marker("conformance_compile") or item.get_closest_marker("conformance_distributed"):
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture

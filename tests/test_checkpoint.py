@@ -29,6 +29,7 @@ def wait_for(condition, proc, timeout: float = 120) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_resume_at_step_k_repeats_the_uninterrupted_run_bitwise(tmp_path):
     args = ["--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3"]
     run(tmp_path, *args, "--checkpoint.async_mode", "async", nproc=2)
@@ -42,6 +43,7 @@ def test_resume_at_step_k_repeats_the_uninterrupted_run_bitwise(tmp_path):
         assert (a["loss/train"], a["grad_norm"], a["lr"]) == (b["loss/train"], b["grad_norm"], b["lr"])
 
 
+@pytest.mark.slow
 def test_kill_9_during_training_then_resume_continues_exactly(tmp_path):
     args = ["--training.steps", "100000", "--lr_scheduler.decay_type", "constant", "--checkpoint.enable", "true",
             "--checkpoint.interval", "2", "--checkpoint.keep_latest_k", "2"]
@@ -73,6 +75,7 @@ def test_sigterm_saves_the_current_step_and_exits_cleanly(tmp_path):
     assert verify(tmp_path / "checkpoint" / f"step-{stopped}") is None
 
 
+@pytest.mark.slow
 def test_sigterm_to_run_train_sh_saves_and_exits_0_with_one_line(tmp_path):
     """torchrun, left to itself, stops with a SignalException traceback and status 1 after the worker saved."""
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
@@ -177,6 +180,7 @@ def test_exported_weights_load_with_weights_only_into_a_fresh_model(tmp_path):
 RESHARD = ["--training.steps", "6", "--checkpoint.enable", "true", "--checkpoint.interval", "3"]
 
 
+@pytest.mark.slow
 def test_a_one_rank_checkpoint_resumes_on_two_ranks_where_it_left_off(tmp_path):
     train(tiny_config(tmp_path, *RESHARD, "--training.local_batch_size", "8"))  # global batch 8 on 1 rank
     uninterrupted = records(tmp_path)
@@ -192,6 +196,7 @@ def test_a_one_rank_checkpoint_resumes_on_two_ranks_where_it_left_off(tmp_path):
         assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow
 def test_a_two_rank_checkpoint_resumes_on_one_rank_saying_what_changed(tmp_path, capsys):
     run(tmp_path, *RESHARD, "--training.local_batch_size", "4", nproc=2)  # global batch 8 on 2 ranks
     uninterrupted = records(tmp_path)

@@ -322,6 +322,7 @@ def test_broken_mixer_is_caught_with_its_name_and_property(broken_plugins: Path,
     assert (info.value.mixer, info.value.property) == (mixer, prop)
 
 
+@pytest.mark.slow
 def test_distributed_check_catches_a_rank_dependent_mixer_and_passes_a_correct_one(broken_plugins: Path) -> None:
     good, bad = distributed_problems([Conformance("good"), Conformance("rank_dependent")])
     assert good is None

@@ -26,6 +26,7 @@ def one_rank(tmp_path_factory):
     return root, losses(dump)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mesh", [[], ["--parallelism.data_parallel_replicate_degree", "2"]], ids=["fsdp", "hsdp"])
 def test_two_ranks_match_one_rank_at_the_same_global_batch(one_rank, tmp_path, mesh):
     root, expected = one_rank
@@ -37,6 +38,7 @@ def test_two_ranks_match_one_rank_at_the_same_global_batch(one_rank, tmp_path, m
     assert got == pytest.approx(expected, rel=2e-5), (got, expected)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixer", ["llama", "longhorn"])
 def test_compiled_blocks_train_like_eager(tmp_path, mixer):
     # aot_eager traces each block with fullgraph=True and runs AOT autograd; inductor's C++ build is too slow for CI

@@ -56,6 +56,7 @@ def _compile(cmd: list[str]) -> tuple[list[str], subprocess.CompletedProcess]:
     return cmd, subprocess.run(cmd, capture_output=True, text=True)
 
 
+@pytest.mark.slow  # nvcc -O3 of every kernel: about 9 minutes on 2 busy CPU cores
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found: the CUDA sources cannot be compiled here")
 def test_cuda_sources_compile(tmp_path: Path) -> None:
     from torch.utils.cpp_extension import include_paths

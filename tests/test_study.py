@@ -10,6 +10,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("study", ROOT / "scripts" / "study.py")
 study = sys.modules["study"] = importlib.util.module_from_spec(_spec)
@@ -53,6 +55,7 @@ def test_dry_run_plans_equal_budgets_and_builds_the_extension_first(tmp_path):
     assert not (tmp_path / "study").exists()
 
 
+@pytest.mark.slow
 def test_tiny_study_trains_evaluates_and_reports_each_mixer(tmp_path):
     out, md = tmp_path / "study", tmp_path / "results.md"
     proc = run_study("all", "--tiny", "--gpus", "cpu", "--mixers", "llama,longhorn", "--out", str(out),
@@ -74,6 +77,7 @@ def test_tiny_study_trains_evaluates_and_reports_each_mixer(tmp_path):
     assert "python scripts/study.py all --tiny" in text and "python -m longhorn_zoo.eval" in text
 
 
+@pytest.mark.slow
 def test_a_failed_job_is_reported_with_its_log_and_the_others_go_on(tmp_path):
     out, md = tmp_path / "study", tmp_path / "results.md"
     proc = run_study("all", "--tiny", "--gpus", "cpu", "--mixers", "llama,longhorn", "--tasks", "mqar",
