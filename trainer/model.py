@@ -82,7 +82,7 @@ class Block(nn.Module):
         if return_state:
             h, state = self.mixer(self.mixer_norm(x), state, return_state=True, **docs)
         else:
-            h = self.mixer(self.mixer_norm(x), **docs)
+            h = self.mixer(self.mixer_norm(x), state, **docs)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
@@ -135,7 +135,7 @@ class LM(nn.Module):
                 h, s = layer(h, None if states is None else states[i], return_state=True, reset=reset)
                 new_states.append(s)
             else:
-                h = layer(h, reset=reset)
+                h = layer(h, None if states is None else states[i], reset=reset)
         logits = self.output(self.norm(h))
         return (logits, new_states) if return_states else logits
 
