@@ -4,8 +4,8 @@
 #
 #   bash benchmarks/train_1b.sh [OUT]        # on a GPU machine, from the repo root
 #
-# Environment: MODELS (default: llama longhorn mamba gla retnet rwkv; llama first, it is the
-# ratio's base), SHAPES (default: 2048x8 8192x2 32768x1, as seq_len x micro-batch: the same tokens
+# Environment: MODELS (default: llama longhorn mamba gla retnet rwkv hybrid, the config names
+# train_configs/<model>_1b.toml; llama first, it is the ratio's base), SHAPES (default: 2048x8 8192x2 32768x1, as seq_len x micro-batch: the same tokens
 # per step at every shape), STEPS (default 15; the table reads the log of the last 5 steps, after
 # compilation), NGPU (default 1: FSDP2 over that many GPUs, micro-batch per GPU), EXTRA (more
 # overrides for every job, e.g. "--activation_checkpoint.mode full"). A job that runs out of memory
@@ -13,7 +13,7 @@
 # (throughput does not depend on the text).
 set -uo pipefail
 OUT=${1:-outputs/train_1b}
-MODELS=${MODELS:-llama longhorn mamba gla retnet rwkv}
+MODELS=${MODELS:-llama longhorn mamba gla retnet rwkv hybrid}
 SHAPES=${SHAPES:-2048x8 8192x2 32768x1}
 STEPS=${STEPS:-15}
 NGPU=${NGPU:-1}

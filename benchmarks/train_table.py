@@ -47,7 +47,8 @@ def table(out: Path, models: list[str], shapes: list[str], ngpu: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("out", type=Path, help="the folder train_1b.sh wrote")
-    parser.add_argument("--models", default="llama longhorn mamba gla retnet rwkv", help="space-separated")
+    parser.add_argument("--models", default="llama longhorn mamba gla retnet rwkv hybrid",
+                        help="space-separated config names (train_configs/<model>_1b.toml)")
     parser.add_argument("--shapes", default="2048x8 8192x2 32768x1", help="space-separated seq_len x micro-batch")
     parser.add_argument("--ngpu", type=int, default=1)
     args = parser.parse_args(argv)

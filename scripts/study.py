@@ -1,14 +1,16 @@
-"""The reproduction study of issue 9: six mixers, one token budget, one table.
+"""The reproduction study of issue 9: six mixers and a Longhorn-attention hybrid, one token budget, one table.
 
-Each mixer trains (1) a byte-level language model of about 20M non-embedding parameters on the embedded
-corpus, with the same context, batch and steps (so the same tokens) for all, and (2) an MQAR model from
+Each mixer (the hybrid is the seventh entry, ``hybrid``: one attention block in eight, as
+``train_configs/hybrid_*.toml``) trains (1) a byte-level language model of about 20M non-embedding parameters on the
+embedded corpus, with the same context, batch and steps (so the same tokens) for all, and (2) an MQAR model from
 ``train_configs/mqar_<mixer>.toml`` with the same steps for all. Then ``longhorn_zoo.eval`` measures validation
 loss and perplexity at 1x-16x the training context (LM) and recall accuracy over pairs and lengths (MQAR),
 and the report turns ``<out>/results.json`` into markdown.
 
 Jobs are ``python -m longhorn_zoo.train`` / ``python -m longhorn_zoo.eval`` subprocesses run from the repository root,
 ``--jobs-per-gpu`` at a time on each GPU (``CUDA_VISIBLE_DEVICES``), each logging to ``<out>/logs/``.
-Longhorn and Mamba wait for the selective-scan CUDA extension, built once at the start beside the other jobs.
+Longhorn, Mamba and the hybrid wait for the selective-scan CUDA extension, built once at the start beside the other
+jobs.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import math
 import os
 import shlex
 import shutil
@@ -33,8 +36,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # study_report sits beside this file, however it is loaded
 from study_report import render  # noqa: E402
 
-MIXERS = ("llama", "longhorn", "mamba", "gla", "retnet", "rwkv")
-SELECTIVE_SCAN = ("longhorn", "mamba")  # no MLP, twice the blocks; need the CUDA extension on a GPU
+MIXERS = ("llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "hybrid")
+SELECTIVE_SCAN = ("longhorn", "mamba", "hybrid")  # no MLP, twice the blocks; need the CUDA extension on a GPU
+HYBRID_PERIOD = 8  # the hybrid's blocks: an attention block after every 7 Longhorn blocks (train_configs/hybrid_*.toml)
 BUILD = "build selective_scan"
 
 # Size and budget presets; an option given on the command line wins. "full" fits in one 10-minute call on
@@ -207,12 +211,19 @@ class Run:
 
 
 def lm_shape(mixer: str, dim: int, layers: int) -> list[str]:
-    """The LM's shape: ``layers`` blocks, twice as many MLP-free ones for Longhorn and Mamba; heads of 64.
+    """The LM's shape: ``layers`` blocks, twice as many MLP-free ones for Longhorn, Mamba and the hybrid; heads of 64.
 
-    At dim 384 this gives 21.3-21.7M non-embedding parameters (Longhorn 22.9M, Mamba 23.2M). RWKV's channel
-    mix is 2.5 dim wide to meet the budget (its default 3.5 gives 25.2M).
+    At dim 384 this gives 21.3-21.7M non-embedding parameters (Longhorn 22.9M, Mamba 23.2M, the hybrid 21.9M).
+    RWKV's channel mix is 2.5 dim wide to meet the budget (its default 3.5 gives 25.2M). The hybrid's attention
+    blocks have no MLP, as its Longhorn blocks, and come one in ``HYBRID_PERIOD`` blocks (one in
+    gcd(``HYBRID_PERIOD``, blocks) in a stack whose blocks are not a multiple of it, such as the tiny preset's 4).
     """
     n = layers * (2 if mixer in SELECTIVE_SCAN else 1)
+    if mixer == "hybrid":
+        period = math.gcd(HYBRID_PERIOD, n)
+        pattern = json.dumps(["longhorn"] * (period - 1) + ["llama"])
+        return ["--model.pattern", pattern, "--model.dim", str(dim), "--model.n_layers", str(n),
+                "--model.mixers.llama.n_heads", str(max(1, dim // 64)), "--model.mixers.llama.mlp", "false"]
     args = ["--model.name", mixer, "--model.dim", str(dim), "--model.n_layers", str(n)]
     if mixer == "llama":
         args += ["--model.mixer.n_heads", str(max(1, dim // 64))]
@@ -379,7 +390,7 @@ examples:
   python scripts/study.py all --dry-run                                (print the commands only)
 
 On a 4-GPU H200 host with the full preset (2 jobs per GPU), the LM and MQAR runs of llama, gla, retnet and
-rwkv start at once; those of Longhorn and Mamba once the CUDA extension is built (about 2 minutes the first
+rwkv start at once; those of Longhorn, Mamba and the hybrid once the CUDA extension is built (about 2 minutes the first
 time); each run is evaluated as soon as it has trained. results.json is updated after every job, so a run
 cut short still leaves its numbers. Exit status 1 if any job failed or was skipped; the report is written
 anyway and marks what is missing.
@@ -428,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     s = common.add_argument_group("size and budget (defaults: the full preset; --tiny: the CPU test preset)")
     s.add_argument("--tiny", action="store_true", help="dim 32, 2 blocks, a few steps: minutes on one CPU core")
     s.add_argument("--dim", type=int, help="LM width (full: 384)")
-    s.add_argument("--layers", type=int, help="LM blocks; Longhorn and Mamba get twice as many (full: 12)")
+    s.add_argument("--layers", type=int, help="LM blocks; Longhorn, Mamba and the hybrid get twice as many (full: 12)")
     s.add_argument("--seq-len", type=int, help="LM training context (full: 512)")
     s.add_argument("--batch", type=int, help="LM sequences per step (full: 16)")
     s.add_argument("--lm-steps", type=int, help="LM steps, the same for every mixer (full: 1500)")

@@ -120,7 +120,8 @@ def header(meta: dict[str, Any], results: str) -> list[str]:
         f"- **Language models**: the embedded byte corpus (`data.dataset = \"bytes\"`: the Python "
         f"{env.get('python')} standard library, {env.get('corpus_train_bytes', 0):,} training and "
         f"{env.get('corpus_val_bytes', 0):,} validation bytes). Width {st.get('dim')}, {st.get('layers')} blocks "
-        f"({2 * (st.get('layers') or 0)} MLP-free blocks for Longhorn and Mamba), context {st.get('seq_len')}, "
+        f"({2 * (st.get('layers') or 0)} MLP-free blocks for Longhorn, Mamba and the hybrid, whose attention blocks "
+        f"come one in eight), context {st.get('seq_len')}, "
         f"{st.get('batch')} sequences per step, {st.get('lm_steps')} steps: {count(tokens)} tokens per run "
         f"({tokens / max(env.get('corpus_train_bytes', 1), 1):.2f} epochs). AdamW, peak LR {st.get('lr')}, "
         f"{st.get('warmup')} warm-up steps, cosine to 10%, {'bf16 autocast' if gpus else 'fp32'}, seed 0.",

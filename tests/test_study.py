@@ -46,23 +46,27 @@ def test_dry_run_plans_equal_budgets_and_builds_the_extension_first(tmp_path):
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "python -m longhorn_zoo.plugins.selective_scan.cuda --build"
-    lm = {line.split("--model.name ")[1].split()[0]: line for line in lines if "--data.dataset bytes" in line}
+    lm = {line.split("/runs/lm_")[1].split()[0]: line for line in lines if "--data.dataset bytes" in line}
     assert sorted(lm) == sorted(study.MIXERS)
     for mixer, line in lm.items():
         assert "--training.steps 1500 " in line and "--training.seq_len 512 " in line
-        assert f"--model.n_layers {24 if mixer in ('longhorn', 'mamba') else 12} " in line
-    assert sum("longhorn_zoo.eval" in line for line in lines) == 12
+        assert f"--model.n_layers {24 if mixer in ('longhorn', 'mamba', 'hybrid') else 12} " in line
+        assert ("--model.pattern" in line) == (mixer == "hybrid") and ("--model.name" in line) != (mixer == "hybrid")
+    pattern = json.loads(lm["hybrid"].split("--model.pattern ")[1].split(" --")[0].strip("'"))
+    assert pattern == ["longhorn"] * 7 + ["llama"]
+    assert sum("longhorn_zoo.eval" in line for line in lines) == 2 * len(study.MIXERS)
     assert not (tmp_path / "study").exists()
 
 
 @pytest.mark.slow
 def test_tiny_study_trains_evaluates_and_reports_each_mixer(tmp_path):
+    # llama and the hybrid (which has Longhorn blocks): two entries keep the test short; the dry run covers all
     out, md = tmp_path / "study", tmp_path / "results.md"
-    proc = run_study("all", "--tiny", "--gpus", "cpu", "--mixers", "llama,longhorn", "--out", str(out),
+    proc = run_study("all", "--tiny", "--gpus", "cpu", "--mixers", "llama,hybrid", "--out", str(out),
                      "--md", str(md))
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     runs = json.loads((out / "results.json").read_text())["runs"]
-    for mixer in ("llama", "longhorn"):
+    for mixer in ("llama", "hybrid"):
         lm = runs[f"lm_{mixer}"]
         assert lm["train"]["status"] == "ok" and lm["train"]["steps_done"] == 6
         numbers = lm["eval"]["numbers"]
@@ -70,10 +74,11 @@ def test_tiny_study_trains_evaluates_and_reports_each_mixer(tmp_path):
         assert all(math.isfinite(e["ppl"]) for e in numbers["extrapolation"]) and math.isfinite(numbers["val_loss"])
         sweep = runs[f"mqar_{mixer}"]["eval"]["numbers"]["mqar"]
         assert sweep and all(0.0 <= row["accuracy"] <= 1.0 for row in sweep)
+    assert runs["lm_hybrid"]["eval"]["numbers"]["mixer"] == "longhorn+llama"
     text = md.read_text()
-    rows = [line for line in text.splitlines() if line.startswith(("| llama |", "| longhorn |"))]
+    rows = [line for line in text.splitlines() if line.startswith(("| llama |", "| hybrid |"))]
     assert len(rows) == 4 and all(line.endswith("| ok |") for line in rows)
-    assert "| llama | 2 x 32 |" in text and "| longhorn | 4 x 32 |" in text  # twice the blocks, no MLP
+    assert "| llama | 2 x 32 |" in text and "| hybrid | 4 x 32 |" in text  # twice the blocks, no MLP
     assert "python scripts/study.py all --tiny" in text and "python -m longhorn_zoo.eval" in text
 
 

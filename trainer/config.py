@@ -25,7 +25,11 @@ class ConfigError(ValueError):
 
 
 class _CliText(str):
-    """A ``--model.mixer.*`` value as typed; converted once the option's type is known."""
+    """A ``--model.mixer.*`` or ``--model.mixers.*`` value as typed; converted once the option's type is known."""
+
+
+BLOCK_KEYS = ("mlp", "mlp_ratio")
+"""The [model] keys that a hybrid stack sets per mixer, in its ``[model.mixers.<name>]`` table."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,19 @@ class Model:
     tie_embeddings: bool = opt(False, "Share the token embedding and LM head weights.")
     op_backend: str = opt("auto", "Scan-op backend: auto (fastest available), reference, cuda or triton.")
     mixer: dict = opt({}, "Mixer-specific options; valid keys come from the plugin's [mixer] defaults.")
+    pattern: list = opt([], "A hybrid stack instead of one mixer: the mixer names of consecutive blocks, repeated "
+                        "over n_layers (a multiple of its length), e.g. [\"longhorn\", \"longhorn\", \"longhorn\", "
+                        "\"llama\"]. Leave name, mlp, mlp_ratio and [model.mixer] out: each mixer's are in "
+                        "[model.mixers.<name>]. Empty: every block is model.name.")
+    mixers: dict = opt({}, "Hybrid stacks: a [model.mixers.<name>] table per mixer of model.pattern, with its "
+                       "options (the plugin's [mixer] keys) and its blocks' mlp and mlp_ratio; each defaults to "
+                       "its plugin's defaults file.")
+
+    def block_mixers(self) -> list[str]:
+        """The mixer name of each block: ``pattern`` repeated over ``n_layers``, or ``name`` in every block."""
+        if not self.pattern:
+            return [self.name] * self.n_layers
+        return self.pattern * (self.n_layers // len(self.pattern))
 
 
 @dataclass
@@ -343,6 +360,13 @@ def _apply(cfg: JobConfig, table: dict[str, Any], origin: str) -> None:
                     raise ConfigError(f"{origin}: model.mixer must be a table")
                 section.mixer.update(value)
                 continue
+            if sec_name == "model" and key == "mixers":
+                for name, options in (value.items() if isinstance(value, dict) else [(None, None)]):
+                    if not isinstance(options, dict):
+                        raise ConfigError(f"{origin}: model.mixers must hold one table per mixer, "
+                                          "[model.mixers.<name>]")
+                    section.mixers.setdefault(name, {}).update(options)
+                continue
             meta = fields[key].metadata
             value = _coerce(f"{origin}: {sec_name}.{key}", value, hints[key], meta["choices"], meta["valid"])
             setattr(section, key, value)
@@ -396,6 +420,9 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
         if len(parts) == 3 and parts[:2] == ["model", "mixer"]:
             table.setdefault("model", {}).setdefault("mixer", {})[parts[2]] = _CliText("true" if text is None else text)
             continue
+        if len(parts) == 4 and parts[:2] == ["model", "mixers"]:
+            table.setdefault("model", {}).setdefault("mixers", {}).setdefault(parts[2], {})[parts[3]] = _CliText(text)
+            continue
         if len(parts) != 2:
             raise ConfigError(f"--{dotted}: expected --section.key")
         key = parts[1]
@@ -412,32 +439,101 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _plugin_defaults(name: str) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The mixer plugin's ``[model]`` defaults and its ``[mixer]`` option table."""
+def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, Any], dict[str, Any]]:
+    """The mixer plugin's ``[model]`` defaults and its ``[mixer]`` option table; ``where`` names the mixer's key."""
     from longhorn_zoo.registry import PluginError, get_registry
 
     try:
         entry = get_registry().get(name)
     except PluginError as e:
-        raise ConfigError(f"model.name: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     table = _load_toml(Path(entry.spec.defaults))
     mixer_defaults = dict(table.pop("mixer", {}))
     return table, mixer_defaults
 
 
-def _check_mixer_options(cfg: JobConfig, mixer_defaults: dict[str, Any]) -> None:
-    """Type-check the user's model.mixer options against the plugin's declared defaults."""
-    resolved = dict(mixer_defaults)
-    for key, value in cfg.model.mixer.items():
-        if key not in mixer_defaults:
-            valid = ", ".join(mixer_defaults) or "(none)"
-            raise ConfigError(f"unknown key model.mixer.{key} for mixer {cfg.model.name!r}; valid keys: {valid}."
-                              + _suggest(key, list(mixer_defaults)))
-        default = mixer_defaults[key]
+def _merge_options(where: str, mixer: str, given: dict[str, Any], declared: dict[str, Any]) -> dict[str, Any]:
+    """The ``declared`` options (key -> default, whose type is the option's) updated with the user's
+    ``given`` ones, each type-checked; ``where`` is the table's key, e.g. ``model.mixer``."""
+    resolved = dict(declared)
+    for key, value in given.items():
+        if key not in declared:
+            valid = ", ".join(declared) or "(none)"
+            raise ConfigError(f"unknown key {where}.{key} for mixer {mixer!r}; valid keys: {valid}."
+                              + _suggest(key, list(declared)))
+        default = declared[key]
         if isinstance(value, _CliText):
-            value = _parse_cli_value(f"--model.mixer.{key}", str(value), type(default))
-        resolved[key] = _coerce(f"model.mixer.{key}", value, type(default), None)
-    cfg.model.mixer = resolved
+            value = _parse_cli_value(f"--{where}.{key}", str(value), type(default))
+        resolved[key] = _coerce(f"{where}.{key}", value, type(default), None)
+    return resolved
+
+
+def _check_pattern(value: Any) -> list[str]:
+    """``model.pattern`` as given: [] (one mixer), or installed mixer names of which two or more differ."""
+    from longhorn_zoo.registry import PluginError, get_registry
+
+    pattern = _coerce("model.pattern", value, list, None)
+    for i, name in enumerate(pattern):
+        if not isinstance(name, str):
+            raise ConfigError(f"model.pattern[{i}] = {name!r} is not a mixer name (a string)")
+    for name in dict.fromkeys(pattern):
+        try:
+            get_registry().get(name)
+        except PluginError as e:
+            raise ConfigError(f"model.pattern[{pattern.index(name)}]: {e}") from None
+    if pattern and len(set(pattern)) < 2:
+        raise ConfigError(f"model.pattern = {pattern!r} names one mixer; a stack mixes two or more. For one "
+                          f"mixer, set model.name = {pattern[0]!r} and leave model.pattern out")
+    return pattern
+
+
+def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Check the user's [model] keys of a stack, apply the model-wide plugin defaults, and return what each
+    mixer's table declares: its blocks' MLP keys and its options, with their defaults.
+
+    A plugin's ``mlp`` and ``mlp_ratio`` apply to its own blocks. Its other [model] defaults apply to the
+    whole model; two plugins of the stack that disagree on one are an error unless the user sets it.
+    """
+    for key, fix in (("name", "each block's mixer is in model.pattern"), ("mixer", "use [model.mixers.<name>]"),
+                     *((k, f"set it per mixer, in [model.mixers.<name>] {k} = ...") for k in BLOCK_KEYS)):
+        if key in given:
+            raise ConfigError(f"model.{key} is for one mixer, and this config stacks model.pattern = {pattern}; "
+                              f"{fix} (or remove model.pattern)")
+    block = {f.name: f.default for f in dataclasses.fields(Model) if f.name in BLOCK_KEYS}
+    hints = get_type_hints(Model)
+    declared, shared = {}, {}
+    for name in dict.fromkeys(pattern):
+        model_defaults, mixer_defaults = _plugin_defaults(name, "model.pattern")
+        origin = f"defaults file of mixer {name!r}"
+        if clash := [k for k in BLOCK_KEYS if k in mixer_defaults]:
+            raise ConfigError(f"{origin}: mixer option {clash[0]!r} has the name of a block key, so a stack "
+                              f"cannot tell them apart in [model.mixers.{name}]; rename the option")
+        own = {k: _coerce(f"{origin}: {k}", model_defaults.pop(k, v), hints[k], None) for k, v in block.items()}
+        declared[name] = {**own, **mixer_defaults}
+        for key, value in model_defaults.items():
+            other, before = shared.setdefault(key, (name, value))
+            if before != value and key not in given:
+                raise ConfigError(f"the mixers of model.pattern disagree on model.{key}: {other!r} defaults it to "
+                                  f"{before!r}, {name!r} to {value!r}; set model.{key} in the config")
+    _apply(cfg, {"model": {key: value for key, (_, value) in shared.items()}}, "defaults files of model.pattern")
+    return declared
+
+
+def _resolve_stack(cfg: JobConfig, declared: dict[str, dict[str, Any]]) -> None:
+    """Check the stack's pattern against n_layers and resolve each ``[model.mixers.<name>]`` table."""
+    m = cfg.model
+    if m.n_layers % len(m.pattern):
+        k = len(m.pattern)
+        near = " or ".join(str(n) for n in sorted({k * max(1, m.n_layers // k), k * -(-m.n_layers // k)}))
+        raise ConfigError(f"model.n_layers = {m.n_layers} is not a multiple of the {k} blocks of model.pattern = "
+                          f"{m.pattern}; use a multiple such as {near}, or a pattern that divides it")
+    for name in m.mixers:
+        if name not in declared:
+            raise ConfigError(f"[model.mixers.{name}]: {name!r} is not in model.pattern = {m.pattern}; its tables "
+                              f"are {', '.join(declared)}." + _suggest(name, list(declared)))
+    m.mixers = {name: _merge_options(f"model.mixers.{name}", name, m.mixers.get(name, {}), options)
+                for name, options in declared.items()}
+    m.name = "+".join(declared)
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
@@ -453,14 +549,24 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = JobConfig()
     file_table = _load_toml(Path(path)) if path is not None else {}
     cli_table = _cli_table(overrides or [])
-    # The mixer name decides which plugin defaults apply, so settle it first.
-    name = {**file_table.get("model", {}), **cli_table.get("model", {})}.get("name", cfg.model.name)
-    cfg.model.name = _coerce("model.name", name, str, None)
-    model_defaults, mixer_defaults = _plugin_defaults(cfg.model.name)
-    _apply(cfg, {"model": model_defaults}, f"defaults file of mixer {cfg.model.name!r}")
+    # The mixers decide which plugin defaults apply, so settle them first.
+    given = {**file_table.get("model", {}), **cli_table.get("model", {})}
+    pattern = _check_pattern(given.get("pattern", []))
+    if pattern:
+        declared = _stack_defaults(cfg, pattern, given)
+    else:
+        cfg.model.name = _coerce("model.name", given.get("name", cfg.model.name), str, None)
+        model_defaults, mixer_defaults = _plugin_defaults(cfg.model.name)
+        _apply(cfg, {"model": model_defaults}, f"defaults file of mixer {cfg.model.name!r}")
     _apply(cfg, file_table, str(path))
     _apply(cfg, cli_table, "command line")
-    _check_mixer_options(cfg, mixer_defaults)
+    if pattern:
+        _resolve_stack(cfg, declared)
+    elif cfg.model.mixers:
+        raise ConfigError(f"[model.mixers.{next(iter(cfg.model.mixers))}] is for hybrid stacks (model.pattern); "
+                          f"the options of the one mixer {cfg.model.name!r} go in [model.mixer]")
+    else:
+        cfg.model.mixer = _merge_options("model.mixer", cfg.model.name, cfg.model.mixer, mixer_defaults)
     return cfg
 
 
@@ -476,6 +582,9 @@ def to_toml(cfg: JobConfig) -> str:
 
     lines: list[str] = []
     for sec, values in cfg.to_dict().items():
+        if sec == "model":  # a config names one mixer or a stack's; it writes only the keys of its kind
+            unused = ("pattern", "mixers") if not cfg.model.pattern else ("name", "mixer", *BLOCK_KEYS)
+            values = {k: v for k, v in values.items() if k not in unused}
         lines.append(f"[{sec}]")
         nested = {}
         for k, v in values.items():
@@ -484,8 +593,10 @@ def to_toml(cfg: JobConfig) -> str:
             else:
                 lines.append(f"{k} = {fmt(v)}")
         for k, table in nested.items():
-            lines.append(f"\n[{sec}.{k}]")
-            lines.extend(f"{kk} = {fmt(vv)}" for kk, vv in table.items())
+            tables = table.items() if k == "mixers" else [(None, table)]
+            for name, options in tables:
+                lines.append(f"\n[{sec}.{k}{'' if name is None else '.' + name}]")
+                lines.extend(f"{kk} = {fmt(vv)}" for kk, vv in options.items())
         lines.append("")
     return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 The prompt is prefilled with the parallel (full-sequence) form, which returns every
 layer's state; then tokens are decoded one at a time with the mixers' recurrent
 ``step`` form. State-space and linear mixers keep a constant-size state per token;
-Llama keeps a KV cache. Sampling: temperature, then top-k, then top-p (nucleus).
+Llama keeps a KV cache. In a hybrid stack each block keeps its own mixer's kind of state.
+Sampling: temperature, then top-k, then top-p (nucleus).
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ class MixerArgs:
         n_layers: Number of blocks in the model.
         max_seq_len: Training context length (for RoPE tables and the like).
         options: The mixer's own options: its ``[mixer]`` defaults table merged
-            with the user's ``[model.mixer]`` table, already type-checked.
+            with the user's ``[model.mixer]`` table (in a hybrid stack, its
+            ``[model.mixers.<name>]`` table), already type-checked.
     """
 
     dim: int

@@ -21,7 +21,6 @@ from torch.utils._pytree import tree_flatten
 
 from longhorn_zoo.config import load_config
 from longhorn_zoo.conformance.harness import FP32_TOL, Conformance, ConformanceError, describe_mismatch, error_ratio
-from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.model import Block, ModelArgs, build_model
 from longhorn_zoo.ops import ScanOp, scan_op_names
 
@@ -31,17 +30,21 @@ BF16_TOL = 5e-2
 
 def check_contract(c: Conformance) -> None:
     """The spec is valid, the defaults build a model on meta, and ``init_weights`` sets every tensor."""
-    spec = c.spec
-    qualnames = [op.qualname for op in spec.ops]
-    if len(set(qualnames)) != len(qualnames):
-        raise c.fail("contract", f"MixerSpec.ops lists an op twice: {qualnames}")
+    for spec in c.specs:
+        qualnames = [op.qualname for op in spec.ops]
+        if len(set(qualnames)) != len(qualnames):
+            raise c.fail("contract", f"MixerSpec.ops of {spec.name!r} lists an op twice: {qualnames}")
     with c.checking("contract", "building the model from the TOML defaults alone on the meta device"):
-        build_model(load_config(None, ["--model.name", c.name]).model, 128, "meta")
-    if spec.flops_per_token is not None:
-        with c.checking("contract", "flops_per_token"):
-            flops = spec.flops_per_token(c.mixer_args(), c.seq_len)
+        build_model(load_config(None, c.mixer_overrides(defaults_only=True)).model, 128, "meta")
+    args = ModelArgs.from_config(c.config.model, c.seq_len)
+    for i, kind in c.kinds():
+        if kind.spec.flops_per_token is None:
+            continue
+        with c.checking("contract", f"flops_per_token of {kind.spec.name!r}"):
+            flops = kind.spec.flops_per_token(kind.mixer_args(args, i), c.seq_len)
         if not (isinstance(flops, int | float) and math.isfinite(flops) and flops > 0):
-            raise c.fail("contract", f"flops_per_token returned {flops!r}, expected a positive number")
+            raise c.fail("contract", f"flops_per_token of {kind.spec.name!r} returned {flops!r}, expected a "
+                                     "positive number")
 
     with c.checking("contract", "building the model on the meta device"):
         meta = build_model(c.config.model, c.seq_len, "meta")
@@ -224,11 +227,11 @@ def check_ops(c: Conformance) -> None:
     """The forward calls no scan op that ``MixerSpec.ops`` leaves out, and each listed op passes gradcheck
     and ``torch.library.opcheck`` on its example inputs in float64, and opcheck's fake-tensor test in
     bfloat16 and float16."""
-    unlisted = sorted(scan_ops_called(c) - {op.qualname for op in c.spec.ops})
+    unlisted = sorted(scan_ops_called(c) - {op.qualname for op in c.ops})
     if unlisted:
         raise c.fail("ops", f"forward calls the scan ops {unlisted}, which MixerSpec.ops does not list; add them "
                             "to ops=(...) so that they are listed and checked")
-    for op in c.spec.ops:
+    for op in c.ops:
         cached = _checked_ops.get(op.qualname)
         if cached is None or cached[0] is not op:
             try:
@@ -272,7 +275,7 @@ def _check_op(c: Conformance, op: ScanOp) -> None:
 
 def resetting_ops(c: Conformance) -> list[ScanOp]:
     """The mixer's ops that support document boundaries: they take ``initial_state`` and ``reset``."""
-    return [op for op in c.spec.ops if {"initial_state", "reset"} <= set(inspect.signature(op.reference).parameters)]
+    return [op for op in c.ops if {"initial_state", "reset"} <= set(inspect.signature(op.reference).parameters)]
 
 
 def check_resets(c: Conformance) -> None:
@@ -303,11 +306,16 @@ def check_resets(c: Conformance) -> None:
 
 
 def check_compile(c: Conformance) -> None:
-    """``torch.compile(fullgraph=True)`` of a block runs without graph breaks and matches eager, with gradients."""
-    cfg = c.config.model
-    args = ModelArgs.from_config(cfg, c.seq_len)
-    with c.checking("compile", "building a block on the meta device"), torch.device("meta"):
-        block = Block(c.spec.build(MixerArgs(c.dim, 0, c.n_layers, c.seq_len, dict(cfg.mixer))), args)
+    """``torch.compile(fullgraph=True)`` of a block runs without graph breaks and matches eager, with gradients;
+    for a stack, of a block of each kind (each compiles on its own, as the trainer compiles every block)."""
+    args = ModelArgs.from_config(c.config.model, c.seq_len)
+    for layer_id, kind in c.kinds():
+        with c.checking("compile", "building a block on the meta device"), torch.device("meta"):
+            block = Block(kind.spec.build(kind.mixer_args(args, layer_id)), kind.block_args(args))
+        _check_compiled_block(c, block, f" (a {kind.spec.name} block)" if c.pattern else "")
+
+
+def _check_compiled_block(c: Conformance, block: Block, which: str) -> None:
     block.to_empty(device="cpu")
     c.init(block, seed=0)
     x = c.inputs().requires_grad_()
@@ -319,16 +327,16 @@ def check_compile(c: Conformance) -> None:
     block.zero_grad(set_to_none=True)
     torch._dynamo.reset()  # every mixer compiles Block.forward: start clean, never at the recompile limit
     compiled = torch.compile(block, fullgraph=True, backend=c.compile_backend)
-    with c.checking("compile", f"torch.compile(block, fullgraph=True, backend={c.compile_backend!r})"):
+    with c.checking("compile", f"torch.compile(block, fullgraph=True, backend={c.compile_backend!r}){which}"):
         y_c = compiled(x)
         y_c.square().mean().backward()
     if error_ratio(y_c, y) > FP32_TOL:
-        raise c.fail("compile", f"compiled block output differs from eager: {describe_mismatch(y_c, y)}")
+        raise c.fail("compile", f"compiled block{which} output differs from eager: {describe_mismatch(y_c, y)}")
     names = ["input", *(n for n, _ in block.named_parameters())]
     for name, g_c, g in zip(names, [x.grad, *(p.grad for p in block.parameters())], want):
         if g is not None and (g_c is None or error_ratio(g_c, g) > FP32_TOL):
             detail = "missing" if g_c is None else describe_mismatch(g_c, g)
-            raise c.fail("compile", f"gradient of {name} under compile differs from eager: {detail}")
+            raise c.fail("compile", f"gradient of {name}{which} under compile differs from eager: {detail}")
 
 
 def check_checkpoint(c: Conformance) -> None:

@@ -1,16 +1,19 @@
 """What every conformance check needs: a tiny model of one mixer, inputs, comparisons, errors.
 
-A :class:`Conformance` names one installed mixer and the tiny sizes it is checked
-at (dim 64, 2 layers, 24 tokens by default). It builds the mixer alone, a block,
-or the whole LM exactly as the trainer does (meta device, ``to_empty``,
+A :class:`Conformance` names one installed mixer, or a hybrid stack of several
+(``"longhorn+llama"``: one block of each, in that order), and the tiny sizes it is
+checked at (dim 64, 2 layers, 24 tokens by default). It builds the mixer alone, a
+block, or the whole LM exactly as the trainer does (meta device, ``to_empty``,
 ``init_weights``) and raises :class:`ConformanceError` naming the mixer and the
-property that broke.
+property that broke. For a stack, "the mixer" of the mixer-level checks is the stack's
+blocks in order (:class:`StackMixer`), which honour the same contract.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import json
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -19,7 +22,8 @@ from torch import Tensor, nn
 
 from longhorn_zoo.config import ConfigError, JobConfig, load_config
 from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
-from longhorn_zoo.model import LM, build_model
+from longhorn_zoo.model import LM, BlockKind, block_kinds, build_model, forward_blocks, step_blocks
+from longhorn_zoo.ops import ScanOp
 from longhorn_zoo.registry import PluginError, get_registry
 
 FP32_TOL = 1e-4
@@ -56,15 +60,36 @@ def describe_mismatch(actual: Tensor, expected: Tensor) -> str:
     return f"error ratio {error_ratio(actual, expected):.2e}, max abs diff {float(diff.max()):.2e}{where}"
 
 
+class StackMixer(nn.Module):
+    """A hybrid stack's blocks as one mixer, (B, T, D) -> (B, T, D), with one state per block."""
+
+    def __init__(self, layers: nn.ModuleDict) -> None:
+        super().__init__()
+        self.layers = layers
+
+    def forward(self, x: Tensor, state: list[Any] | None = None, *, return_state: bool = False,
+                reset: Tensor | None = None) -> Tensor | tuple[Tensor, list[Any]]:
+        return forward_blocks(self.layers.values(), x, state, return_state, reset)
+
+    def step(self, x: Tensor, state: list[Any] | None) -> tuple[Tensor, list[Any]]:
+        return step_blocks(self.layers.values(), x, state)
+
+    def init_weights(self) -> None:
+        for block in self.layers.values():
+            block.init_weights()
+
+
 class Conformance:
-    """One mixer at conformance-test size.
+    """One mixer, or a hybrid stack, at conformance-test size.
 
     Args:
-        mixer: The mixer's registered name.
+        mixer: The mixer's registered name, or a stack's pattern as names joined by ``+``
+            (``"longhorn+llama"``), repeated over ``n_layers``.
         dim: Model width.
-        n_layers: Blocks of the LM-level checks.
+        n_layers: Blocks of the LM-level checks; for a stack, rounded up to a multiple of its pattern.
         seq_len: Longest sequence used (and ``max_seq_len`` of the mixer).
-        options: ``[model.mixer]`` overrides, e.g. ``{"n_heads": 2}``.
+        options: ``[model.mixer]`` overrides, e.g. ``{"n_heads": 2}``; for a stack, one table per
+            mixer (``[model.mixers.<name>]``), e.g. ``{"llama": {"n_heads": 2, "mlp": False}}``.
         compile_backend: ``torch.compile`` backend of the compile check: ``"aot_eager"``
             (graph capture and AOT autograd, fast) or ``"inductor"`` (also code generation).
     """
@@ -74,6 +99,9 @@ class Conformance:
     def __init__(self, mixer: str, dim: int = 64, n_layers: int = 2, seq_len: int = 24,
                  options: Mapping[str, Any] | None = None, compile_backend: str = "aot_eager") -> None:
         self.name = mixer
+        self.pattern = mixer.split("+") if "+" in mixer else []
+        if self.pattern:
+            n_layers = len(self.pattern) * -(-n_layers // len(self.pattern))
         self.dim, self.n_layers, self.seq_len = dim, n_layers, seq_len
         self.options = dict(options or {})
         self.compile_backend = compile_backend
@@ -100,29 +128,72 @@ class Conformance:
     # -- building ---------------------------------------------------------------
     @property
     def spec(self) -> MixerSpec:
+        """The mixer's spec (one mixer only; a stack has :attr:`specs`)."""
+        if self.pattern:
+            raise TypeError(f"{self.name!r} is a stack of several mixers: use Conformance.specs or .kinds")
+        return self._spec(self.name)
+
+    def _spec(self, name: str) -> MixerSpec:
         try:
-            return get_registry().get(self.name).spec
+            return get_registry().get(name).spec
         except PluginError as e:
             raise self.fail("contract", str(e)) from None
+
+    @property
+    def specs(self) -> list[MixerSpec]:
+        """The spec of each mixer checked: the one mixer's, or each of a stack's, in pattern order."""
+        return [self._spec(name) for name in dict.fromkeys(self.pattern or [self.name])]
+
+    @property
+    def ops(self) -> list[ScanOp]:
+        """The scan ops of every mixer checked, each once."""
+        return list({op.qualname: op for spec in self.specs for op in spec.ops}.values())
+
+    def mixer_overrides(self, defaults_only: bool = False) -> list[str]:
+        """The command-line overrides that name the mixer (or stack) and, unless ``defaults_only``, its options."""
+        if not self.pattern:
+            names, tables = ["--model.name", self.name], {"mixer": self.options}
+        else:
+            names = ["--model.pattern", json.dumps(self.pattern)]
+            if defaults_only:
+                names += ["--model.n_layers", str(len(self.pattern))]
+            bad = [k for k, v in self.options.items() if not isinstance(v, Mapping)]
+            if bad:
+                raise self.fail("contract", f"options of a stack are one table per mixer, {{name: {{key: value}}}}; "
+                                            f"got {bad[0]!r} = {self.options[bad[0]]!r}")
+            tables = {f"mixers.{name}": table for name, table in self.options.items()}
+        if defaults_only:
+            return names
+        for table, options in tables.items():
+            for key, value in options.items():
+                text = ("true" if value else "false") if isinstance(value, bool) else str(value)
+                names += [f"--model.{table}.{key}", text]
+        return names
 
     @functools.cached_property
     def config(self) -> JobConfig:
         """The job config of the tiny model, through the same path as a TOML file."""
-        overrides = ["--model.name", self.name, "--model.dim", str(self.dim), "--model.n_layers",
-                     str(self.n_layers), "--training.seq_len", str(self.seq_len)]
-        for key, value in self.options.items():
-            text = ("true" if value else "false") if isinstance(value, bool) else str(value)
-            overrides += [f"--model.mixer.{key}", text]
+        overrides = [*self.mixer_overrides(), "--model.dim", str(self.dim), "--model.n_layers", str(self.n_layers),
+                     "--training.seq_len", str(self.seq_len)]
         try:
             return load_config(None, overrides)
         except ConfigError as e:
             raise self.fail("contract", f"the defaults file does not give a valid config: {e}") from None
 
+    def kinds(self) -> list[tuple[int, BlockKind]]:
+        """Each kind of block of the tiny LM with the first block of that kind: one for one mixer."""
+        firsts: dict[str, tuple[int, BlockKind]] = {}
+        for i, kind in enumerate(block_kinds(self.config.model)):
+            firsts.setdefault(kind.spec.name, (i, kind))
+        return list(firsts.values())
+
     def mixer_args(self, layer_id: int = 0) -> MixerArgs:
         return MixerArgs(self.dim, layer_id, self.n_layers, self.seq_len, dict(self.config.model.mixer))
 
     def mixer(self, dtype: torch.dtype = torch.float32, seed: int = 0) -> nn.Module:
-        """The mixer alone, built on meta, moved to CPU and initialised with ``seed``."""
+        """The mixer alone (for a stack, its blocks), built on meta, moved to CPU and initialised with ``seed``."""
+        if self.pattern:
+            return StackMixer(self.model(seed=seed).layers).to(dtype)
         with self.checking("contract", "building the mixer on the meta device"), torch.device("meta"):
             module = self.spec.build(self.mixer_args())
         module.to_empty(device="cpu")

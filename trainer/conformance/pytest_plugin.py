@@ -20,8 +20,8 @@ SUITE = Path(__file__).with_name("selected.py")
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("longhorn_zoo", "longhorn-zoo mixer conformance suite")
     group.addoption("--mixer", action="append", default=[], metavar="NAME",
-                    help="Run the conformance suite on this mixer (repeatable). Without test paths, "
-                         "runs only the suite.")
+                    help="Run the conformance suite on this mixer (repeatable), or on a hybrid stack of several "
+                         "named with + (longhorn+llama). Without test paths, runs only the suite.")
     group.addoption("--conformance-compile-backend", default="aot_eager", metavar="BACKEND",
                     help="torch.compile backend of the compile check. The default, aot_eager, traces the "
                          "forward and backward graphs (graph breaks, fake tensors) in seconds; inductor also "
