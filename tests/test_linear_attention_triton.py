@@ -1,9 +1,10 @@
 """The Triton linear-attention kernels against a float64 token-by-token loop.
 
 Without CUDA the kernels run in Triton's interpreter (``TRITON_INTERPRET=1``) on tiny
-shapes with 16-step chunks, so that every case crosses chunk boundaries and ends in a
-partial chunk. With CUDA the same checks run at real sizes in bf16 and fp32, plus
-``torch.compile(fullgraph=True)`` through a scan op with the backend registered.
+shapes with 16-step chunks (the strong-decay cases: the real chunk sizes), so that every case
+crosses chunk boundaries and ends in a partial chunk. With CUDA the same checks run at real
+sizes in bf16 and fp32, plus ``torch.compile(fullgraph=True)`` through a scan op with the
+backend registered.
 """
 
 from __future__ import annotations
@@ -35,6 +36,15 @@ def interpreter(monkeypatch: pytest.MonkeyPatch) -> None:
     use_interpreter(monkeypatch)
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 16)
     monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", 16)
+
+
+@pytest.fixture
+def real_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The default chunk sizes, whose pair-weight exponents are the largest (the strong-decay tests)."""
+    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
+
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 32)
+    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_HEAD", 64)
 
 
 def naive_scan(
@@ -77,14 +87,25 @@ def _naive_fake(q, k, v, log_decay, bonus, scale, initial_state, reset):
     )
 
 
-def make_inputs(variant, B, T, H, K, V, dtype, device, h0=True, reset=True, strong_decay=False):
-    """Random inputs of one variant: "gla", "retnet" (per-head decay) or "rwkv" (bonus)."""
+def make_inputs(variant, B, T, H, K, V, dtype, device, h0=True, reset=True, min_log_decay=None):
+    """Random inputs of one variant: "gla", "retnet" (per-head decay) or "rwkv" (bonus).
+
+    With ``min_log_decay``, per-key decays are uniform in [min_log_decay, 0) on every other key
+    over the first half of the steps (so that chunks and key blocks of both kinds, strong and
+    mild, meet in one call), and per-head decays are spread from min_log_decay to -2.5.
+    """
     mk = lambda *s: torch.randn(*s, device=device, dtype=torch.float32)  # noqa: E731
     q, k, v = mk(B, T, H, K), mk(B, T, H, K), mk(B, T, H, V)
-    if variant == "retnet":
+    if variant == "retnet" and min_log_decay is not None:
+        g = torch.linspace(min_log_decay, -2.5, H, device=device)
+    elif variant == "retnet":
         g = torch.log(1 - 2.0 ** (-5.0 - torch.arange(H, device=device, dtype=torch.float32)))
     else:
-        g = -4.0 - torch.rand(B, T, H, K, device=device) if strong_decay else F.logsigmoid(mk(B, T, H, K) + 2.0)
+        g = F.logsigmoid(mk(B, T, H, K) + 2.0)
+        if min_log_decay is not None:
+            first_half = (torch.arange(T, device=device) < T // 2)[:, None, None]
+            strong = first_half & (torch.arange(K, device=device) % 2 == 1)
+            g = torch.where(strong, min_log_decay * torch.rand(B, T, H, K, device=device), g)
     u = mk(H, K) if variant == "rwkv" else None
     s0 = mk(B, H, K, V) if h0 else None
     rs = (torch.rand(B, T, device=device) < 0.08) if reset else None
@@ -151,12 +172,15 @@ def test_interpreter_uneven_key_and_value_sizes(interpreter):
     check(make_inputs("rwkv", 1, 33, 1, 24, 40, torch.float64, "cpu"), 1e-5, 1e-5)
 
 
-def test_interpreter_strong_decay(interpreter, monkeypatch):
-    """Log decays of -4 to -5 a step with the real chunk size: the factored pair weights stay finite."""
-    from longhorn_zoo.plugins.linear_attention import triton_chunk_ops
-
-    monkeypatch.setattr(triton_chunk_ops, "CHUNK_PER_KEY", 32)
-    check(make_inputs("rwkv", 1, 70, 2, 16, 16, torch.float64, "cpu", strong_decay=True), 1e-5, 1e-4)
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the factored launch's inf * 0
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_interpreter_decays_down_to_minus_20(interpreter, real_chunks, variant):
+    """Log decays down to -20 a step at the real chunk sizes, where factoring a chunk's pair weights
+    around one step would overflow float32 (e^(16 * 20)): those chunks are redone with each pair weight
+    formed on its own, next to chunks that stay factored; their mild keys (heads) keep pairs far apart
+    significant, so that the exact path is checked on more than its diagonal. (A per-head decay's
+    gradient sums a whole row's terms in float32: 2e-5 seen, as in the float32 reference.)"""
+    check(make_inputs(variant, 1, 75, 2, 16, 16, torch.float64, "cpu", min_log_decay=-20.0), 1e-5, 1e-4)
 
 
 def test_interpreter_float32_inputs(interpreter):
@@ -194,6 +218,17 @@ def test_gpu_bf16_matches_naive(variant, chunk, monkeypatch):
 def test_gpu_float32_matches_naive(variant):
     torch.manual_seed(1)
     print(variant, "fp32", check(make_inputs(variant, *REAL[variant], torch.float32, "cuda"), 3e-3, 5e-3))
+
+
+@gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gpu_decays_down_to_minus_20(variant, dtype):
+    """The compiled column path (strong key blocks) next to the factored one, at real sizes."""
+    torch.manual_seed(3)
+    tol = (1e-2, 2e-2) if dtype == torch.bfloat16 else (3e-3, 5e-3)
+    inputs = make_inputs(variant, *REAL[variant], dtype, "cuda", min_log_decay=-20.0)
+    print(variant, dtype, check(inputs, *tol))
 
 
 @gpu

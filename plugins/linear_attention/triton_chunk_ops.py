@@ -25,6 +25,11 @@ NUM_WARPS_STATE = 4
 """Warps of the sequential state passes."""
 NUM_WARPS_CHUNK = 4
 """Warps of the per-chunk output and gradient kernels."""
+EXP_LIMIT = 60.0
+"""A chunk's pair weights are one matrix product of factors exp(+-x) while every x is within this
+bound; a chunk past it is redone with each weight formed on its own (the kernels' EXACT launch).
+e^60 ~ 1e26 leaves the factors, their products with q and k, and the backward's sums over a chunk
+~1e12 of headroom below float32's 3e38, and e^-60 keeps them normal."""
 
 _fwd_state, _fwd_output = wrap_triton(kern._fwd_state), wrap_triton(kern._fwd_output)
 _bwd_state, _bwd_chunk = wrap_triton(kern._bwd_state), wrap_triton(kern._bwd_chunk)
@@ -115,30 +120,36 @@ def chunk_fwd(
     h, ht = _states(k, v, g, r, h0, per_key, BT, prec)
     o = q.new_empty(B, T, H, V)
     bv = _block(V)
-    _fwd_output[(_cdiv(V, bv), h.shape[2], B * H)](
-        q,
-        k,
-        v,
-        g,
-        q if u is None else u,
-        q if r is None else r,
-        h,
-        o,
-        scale,
-        T,
-        H,
-        K,
-        V,
-        h.shape[2],
-        BT=BT,
-        BK=_block(K),
-        BV=bv,
-        PER_KEY=per_key,
-        BONUS=u is not None,
-        HAS_RESET=r is not None,
-        PREC=prec,
-        num_warps=NUM_WARPS_CHUNK,
-    )
+    NC = h.shape[2]
+    flags = q.new_empty(B * H, NC, dtype=torch.uint8)
+    for exact in (False, True):  # factor every chunk, then redo those flagged as past EXP_LIMIT
+        _fwd_output[(_cdiv(V, bv), NC, B * H)](
+            q,
+            k,
+            v,
+            g,
+            q if u is None else u,
+            q if r is None else r,
+            h,
+            o,
+            flags,
+            scale,
+            T,
+            H,
+            K,
+            V,
+            NC,
+            BT=BT,
+            BK=_block(K),
+            BV=bv,
+            PER_KEY=per_key,
+            BONUS=u is not None,
+            HAS_RESET=r is not None,
+            PREC=prec,
+            EXP_LIMIT=EXP_LIMIT,
+            EXACT=exact,
+            num_warps=NUM_WARPS_CHUNK,
+        )
     return o.to(out_dtype), ht.to(state_dtype)
 
 
@@ -194,36 +205,41 @@ def chunk_bwd(
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     dg = torch.empty_like(g) if per_key else q.new_empty(B, NC, H, dtype=torch.float32)
     du = q.new_empty(B, NC, H, K if u is not None else 0, dtype=torch.float32)
-    _bwd_chunk[(NC, B * H)](
-        q,
-        k,
-        v,
-        g,
-        q if u is None else u,
-        q if r is None else r,
-        h,
-        dh,
-        do,
-        dq,
-        dk,
-        dv,
-        dg,
-        du,
-        scale,
-        T,
-        H,
-        K,
-        V,
-        NC,
-        BT=BT,
-        BK=_block(K),
-        BV=_block(V),
-        PER_KEY=per_key,
-        BONUS=u is not None,
-        HAS_RESET=r is not None,
-        PREC=prec,
-        num_warps=NUM_WARPS_CHUNK,
-    )
+    flags = q.new_empty(B * H, NC, dtype=torch.uint8)
+    for exact in (False, True):  # factor every chunk, then redo those flagged as past EXP_LIMIT
+        _bwd_chunk[(NC, B * H)](
+            q,
+            k,
+            v,
+            g,
+            q if u is None else u,
+            q if r is None else r,
+            h,
+            dh,
+            do,
+            dq,
+            dk,
+            dv,
+            dg,
+            du,
+            flags,
+            scale,
+            T,
+            H,
+            K,
+            V,
+            NC,
+            BT=BT,
+            BK=_block(K),
+            BV=_block(V),
+            PER_KEY=per_key,
+            BONUS=u is not None,
+            HAS_RESET=r is not None,
+            PREC=prec,
+            EXP_LIMIT=EXP_LIMIT,
+            EXACT=exact,
+            num_warps=NUM_WARPS_CHUNK,
+        )
     dg = dg if per_key else dg.sum((0, 1))
     du = du.sum((0, 1)) if u is not None else du.new_empty(0)
     dh0 = dh0 if h0 is not None else dh0.new_empty(0)
