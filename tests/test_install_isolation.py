@@ -3,7 +3,7 @@
 PyPI's ``trainer`` and ``coqui-tts-trainer`` install a top-level ``trainer/`` (``__init__``,
 ``config``, ``model``). This test pip-installs a stand-in for them into the running environment,
 checks that longhorn-zoo still imports, trains and finds its plugins, uninstalls it and checks that
-every file of ours survived. It changes the environment, so it is marked ``slow`` (deselected by
+every file of ours survived. It changes the environment, so it is marked ``installs`` (deselected by
 default); ``.ci/run`` runs it in the throwaway venv that holds the installed wheel.
 """
 
@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.slow
+pytestmark = pytest.mark.installs
 
 DUMMY = "clashing-trainer"
 OUR_PACKAGES = ("longhorn_zoo", "longhorn_zoo.plugins", "longhorn_zoo.csrc", "longhorn_zoo.train_configs")
