@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         warm = timed(lambda: verify(folder))
         drop_cache(folder)
         cold = timed(lambda: verify(folder))
-    buf = torch.rand(1 << 28).numpy().tobytes()  # 1 GiB
+    buf = torch.rand(min(1 << 28, int(gb * 1e9) // 4)).numpy().tobytes()  # 1 GiB, or the state's size if smaller
     crc = timed(lambda: zlib.crc32(buf)) / (len(buf) / 1e9)
     rows = [("save, DCP FileSystemWriter", min(plain)), ("save, ChecksumWriter (CRC-32 as written)", min(checked)),
             ("verify, from the page cache", warm), ("verify, cold (pages dropped)", cold)]

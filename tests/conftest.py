@@ -11,7 +11,8 @@ import pytest
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "slow: a minute or more on 2 CPU cores (torchrun ranks, compilers, whole "
-                                       "pipelines); CI runs them, `pytest -m 'not slow'` leaves them out")
+                                       "pipelines); deselected by default (pyproject's addopts), `pytest -m slow` "
+                                       "and CI run them")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

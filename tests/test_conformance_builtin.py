@@ -1,6 +1,8 @@
 """The conformance suite on every built-in mixer, taken from the registry so new mixers are checked as they land."""
 
-from longhorn_zoo.conformance import MixerConformance
+import pytest
+
+from longhorn_zoo.conformance import Conformance, MixerConformance
 from longhorn_zoo.registry import get_registry
 
 BUILTIN = [name for name, entry in sorted(get_registry().mixers.items()) if entry.source.dist == "longhorn-zoo"]
@@ -13,3 +15,7 @@ def test_every_builtin_plugin_loads() -> None:
 
 class TestBuiltinMixer(MixerConformance):
     mixer = BUILTIN
+
+    @pytest.mark.slow  # each op's own tests (test_longhorn.py, test_mamba.py, ...) run gradcheck and opcheck too
+    def test_ops(self, conformance: Conformance) -> None:
+        super().test_ops(conformance)
