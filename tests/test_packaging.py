@@ -15,7 +15,7 @@ from longhorn_zoo.tomlcompat import tomllib
 ROOT = Path(__file__).resolve().parents[1]
 PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
 SETUPTOOLS = PYPROJECT["tool"]["setuptools"]
-NOT_IN_SDIST = {".ci/run", ".gitignore"}  # the CI script and git's own file
+NOT_IN_SDIST = {".ci/run", ".ci/oldest_triton", ".gitignore"}  # the CI scripts and git's own file
 SDIST_ONLY = {"PKG-INFO", "setup.cfg"}  # written by setuptools
 
 
