@@ -12,11 +12,13 @@ products inside a chunk, a recurrence across chunks, fp32 accumulation), wrapped
 so ``torch.compile(fullgraph=True)`` traces forward and backward with no graph break.
 Triton is imported when the backend first runs: the trainer runs without it.
 
-Range: the pair weights inside a chunk are factored around the chunk's middle step.
-Both factors stay finite while every key's log decay summed over half a chunk stays
-above about -80: 16 steps for per-key decays (chunks of 32, an average decay factor
-above exp(-5) a step) and 32 steps for a per-head decay (chunks of 64, above exp(-2.5);
-RetNet's strongest is 1 - 2^-5). A per-head decay also gets its (H,) gradient.
+Range: any log decay <= 0. The pair weights inside a chunk are one matrix product of
+factors around the chunk's middle step while every key's log decay summed over half a
+chunk stays above -60 (``triton_chunk_ops.EXP_LIMIT``): about 16 steps for per-key decays
+(chunks of 32, an average decay factor above exp(-3.75) a step) and 32 steps for a per-head
+decay (chunks of 64, above exp(-1.9); RetNet's strongest is 1 - 2^-5). A chunk with a
+stronger decay is recomputed by a second launch of the same kernels that forms each pair
+weight on its own, exact but slower. A per-head decay also gets its (H,) gradient.
 """
 
 from __future__ import annotations
