@@ -98,7 +98,7 @@ def test_retnet_125m_is_the_seeds_block() -> None:
 
 def test_rwkv_125m_is_the_seeds_x051a() -> None:
     model = small("rwkv")
-    assert model.spec.name == "rwkv5" and model.pos_embeddings is not None
+    assert model.kinds[0].spec.name == "rwkv5" and model.pos_embeddings is not None
     assert isinstance(model.norm, torch.nn.LayerNorm) and model.norm.bias is None
     block = model.layers["0"]
     assert block.mixer_norm is None and block.mlp is None

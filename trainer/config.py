@@ -117,7 +117,8 @@ class Model:
                         "\"llama\"]. Leave name, the mlp* keys and [model.mixer] out: each mixer's are in "
                         "[model.mixers.<name>]. Empty: every block is model.name.")
     mixers: dict = opt({}, "Hybrid stacks: a [model.mixers.<name>] table per mixer of model.pattern, with its "
-                       "options (the plugin's [mixer] keys) and its blocks' MLP keys (BLOCK_KEYS); each defaults to "
+                       "options (the plugin's [mixer] keys) and its blocks' mlp, mlp_ratio, mlp_activation, "
+                       "mlp_multiple_of, mlp_hidden and mlp_depth_scaled_init; each defaults to "
                        "its plugin's defaults file.")
 
     def block_mixers(self) -> list[str]:
