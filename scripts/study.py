@@ -211,22 +211,26 @@ class Run:
 
 
 def lm_shape(mixer: str, dim: int, layers: int) -> list[str]:
-    """The LM's shape: ``layers`` blocks, twice as many MLP-free ones for Longhorn, Mamba and the hybrid; heads of 64.
+    """The LM's shape: ``layers`` blocks, twice as many MLP-free ones for Longhorn, Mamba and the hybrid; heads of 64
+    (the seed's 12 at dim 768; for GLA that is the value head, and RetNet's FFN is as wide as its values).
 
-    At dim 384 this gives 21.3-21.7M non-embedding parameters (Longhorn 22.9M, Mamba 23.2M, the hybrid 21.9M).
-    RWKV's channel mix is 2.5 dim wide to meet the budget (its default 3.5 gives 25.2M). The hybrid's attention
-    blocks have no MLP, as its Longhorn blocks, and come one in ``HYBRID_PERIOD`` blocks (one in
-    gcd(``HYBRID_PERIOD``, blocks) in a stack whose blocks are not a multiple of it, such as the tiny preset's 4).
+    At dim 384 this gives 21.3-21.7M non-embedding parameters (RetNet 22.7M, Longhorn 22.9M, Mamba 23.2M, the
+    hybrid 21.9M). RWKV's channel mix is 2.5 dim wide to meet the budget (its default 3.5 gives 25.2M). The
+    hybrid's attention blocks have no MLP, as its Longhorn blocks, and come one in ``HYBRID_PERIOD`` blocks (one
+    in gcd(``HYBRID_PERIOD``, blocks) in a stack whose blocks are not a multiple of it, such as the tiny preset's 4).
     """
     n = layers * (2 if mixer in SELECTIVE_SCAN else 1)
+    heads = max(1, dim // 64)
     if mixer == "hybrid":
         period = math.gcd(HYBRID_PERIOD, n)
         pattern = json.dumps(["longhorn"] * (period - 1) + ["llama"])
         return ["--model.pattern", pattern, "--model.dim", str(dim), "--model.n_layers", str(n),
-                "--model.mixers.llama.n_heads", str(max(1, dim // 64)), "--model.mixers.llama.mlp", "false"]
+                "--model.mixers.llama.n_heads", str(heads), "--model.mixers.llama.mlp", "false"]
     args = ["--model.name", mixer, "--model.dim", str(dim), "--model.n_layers", str(n)]
-    if mixer == "llama":
-        args += ["--model.mixer.n_heads", str(max(1, dim // 64))]
+    if mixer in ("llama", "gla", "retnet"):
+        args += ["--model.mixer.n_heads", str(heads)]
+    if mixer == "retnet":
+        args += ["--model.mlp_hidden", str(int(1.8 * dim) // heads * heads)]
     if mixer == "rwkv":
         args += ["--model.mixer.head_size", str(min(64, dim)), "--model.mixer.ffn_ratio", "2.5"]
     return args

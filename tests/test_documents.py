@@ -36,7 +36,7 @@ def test_block_causal_mask_is_causal_within_documents() -> None:
     assert torch.equal(mask, want)
 
 
-@pytest.mark.parametrize("mixer", ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv"])
+@pytest.mark.parametrize("mixer", ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5"])
 def test_lm_keeps_documents_apart(mixer: str) -> None:
     cfg = load_config(None, ["--model.name", mixer, "--model.dim", "64", "--model.n_layers", "2"])
     model = build_model(cfg.model, 32, "meta")
@@ -88,3 +88,58 @@ def test_training_passes_the_loaders_resets_to_the_model(tmp_path, monkeypatch) 
     seen.clear()
     train(load_config(None, common))
     assert seen and all(r is None for r in seen)
+
+
+def small_lm(mixer: str, *extra: str, device: str = "cpu", seq_len: int = 32):
+    cfg = load_config(None, ["--model.name", mixer, "--model.dim", "64", "--model.n_layers", "2", *extra])
+    model = build_model(cfg.model, seq_len, "meta")
+    model.to_empty(device=device)
+    torch.manual_seed(0)
+    model.init_weights()
+    return model
+
+
+def test_learned_positions_continue_through_states_and_stop_at_the_context() -> None:
+    model = small_lm("rwkv5")
+    tokens = torch.randint(0, 256, (2, 20), generator=torch.Generator().manual_seed(5))
+    reset = torch.zeros(2, 20, dtype=torch.bool)
+    reset[1, 7] = True
+    with torch.no_grad():
+        whole = model(tokens, reset=reset)
+        first, states = model(tokens[:, :12], return_states=True, reset=reset[:, :12])
+        torch.testing.assert_close(states[-1], torch.tensor([12, 5]))  # row 1's document started at token 7
+        steps = []
+        for t in range(12, 20):
+            logits, states = model.step(tokens[:, t], states)
+            steps.append(logits)
+        torch.testing.assert_close(torch.cat([first, torch.stack(steps, 1)], 1), whole, rtol=1e-4, atol=1e-5)
+        with pytest.raises(ValueError, match="33 tokens, but the learned position embedding has 32 positions"):
+            model(torch.zeros(1, 33, dtype=torch.long))
+        _, states = model(tokens[:, :16].repeat(1, 2), return_states=True)
+        with pytest.raises(ValueError, match="position 32 is past the 32 positions"):
+            model.step(tokens[:, 0], states)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: the fast backends and SDPA's masked kernels")
+@pytest.mark.parametrize("mixer", ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5"])
+def test_fast_backends_keep_documents_apart_on_gpu(mixer: str) -> None:
+    from longhorn_zoo.ops import get_backend_preference, set_backend_preference
+
+    model = small_lm(mixer, device="cuda", seq_len=256)
+    gen = torch.Generator().manual_seed(6)
+    tokens = torch.randint(0, 256, (2, 256), generator=gen).cuda()
+    reset = (torch.rand(2, 256, generator=gen) < 0.02).cuda()
+    reset[:, 100] = True
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        packed = model(tokens, reset=reset).float()
+        alone = model(tokens[:, 100:], reset=reset[:, 100:]).float()
+    before = get_backend_preference()
+    set_backend_preference("reference")
+    try:
+        with torch.no_grad():
+            want = model(tokens, reset=reset)
+    finally:
+        set_backend_preference(before)
+    assert (packed - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt() < 5e-2
+    last = int(reset[0].nonzero().max())
+    torch.testing.assert_close(packed[0, last:], alone[0, last - 100 :], rtol=5e-2, atol=5e-2)

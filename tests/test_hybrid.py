@@ -41,9 +41,11 @@ def test_each_mixer_of_a_stack_gets_its_plugin_defaults_under_the_users_values(t
     m = cfg.model
     assert m.name == "longhorn+llama"
     assert m.block_mixers() == ["longhorn", "longhorn", "llama"] * 2
-    assert m.mixers["longhorn"] == {"mlp": False, "mlp_ratio": 8 / 3, "d_state": 8, "expand": 2, "conv_kernel": 4,
+    mlp = {"mlp_ratio": 8 / 3, "mlp_activation": "silu", "mlp_multiple_of": 64, "mlp_hidden": 0,
+           "mlp_depth_scaled_init": True}  # the block keys' defaults
+    assert m.mixers["longhorn"] == {"mlp": False, **mlp, "d_state": 8, "expand": 2, "conv_kernel": 4,
                                     "dt_rank": 0}  # mlp = false from plugins/longhorn/defaults.toml
-    assert m.mixers["llama"] == {"mlp": False, "mlp_ratio": 8 / 3, "n_heads": 2, "rope_theta": 10000.0}
+    assert m.mixers["llama"] == {"mlp": False, **mlp, "n_heads": 2, "rope_theta": 10000.0}
     assert load_config(write(tmp_path, to_toml(cfg))) == cfg  # --print-config round-trips (config.toml, resume)
     assert "name =" not in to_toml(cfg).split("[model]")[1].split("[")[0]
 
@@ -69,7 +71,8 @@ def test_one_mixer_configs_write_no_stack_keys(tmp_path):
         ("[model.mixer]\nn_heads = 2\n", STACK, r"model.mixer is for one mixer.*use \[model.mixers.<name>\]"),
         ("[model.mixers.mamba]\nd_state = 4\n", STACK, r"\[model.mixers.mamba\]: 'mamba' is not in model.pattern"),
         ("[model.mixers.llama]\nn_head = 2\n", STACK,
-         r"unknown key model.mixers.llama.n_head for mixer 'llama'; valid keys: mlp, mlp_ratio, n_heads.*'n_heads'"),
+         r"unknown key model.mixers.llama.n_head for mixer 'llama'; valid keys: mlp, mlp_activation, .*n_heads.*"
+         r"'n_heads'"),
         ("[model.mixers.llama]\nmlp = 'yes'\n", STACK, r"model.mixers.llama.mlp = 'yes' has type str, expected bool"),
         ("[model.mixers]\nllama = 3\n", STACK, r"model.mixers must hold one table per mixer"),
         ("", [*STACK, "--model.mixers.llama.n_heads", "two"], r"--model.mixers.llama.n_heads: 'two' is not a number"),

@@ -29,7 +29,7 @@ from longhorn_zoo.model import LM, build_model  # noqa: E402
 from longhorn_zoo.model_folder import FolderError, load_folder, parse_size, read_weights, save_folder  # noqa: E402
 from longhorn_zoo.registry import get_registry  # noqa: E402
 
-BUILT_IN = ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv"]
+BUILT_IN = ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5"]
 THIRD_PARTY = pytest.param("deltanet", marks=pytest.mark.skipif(
     "deltanet" not in get_registry().mixers, reason="pip install examples/third_party_mixer"))
 MIXERS = [*BUILT_IN, THIRD_PARTY]

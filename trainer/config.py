@@ -28,8 +28,8 @@ class _CliText(str):
     """A ``--model.mixer.*`` or ``--model.mixers.*`` value as typed; converted once the option's type is known."""
 
 
-BLOCK_KEYS = ("mlp", "mlp_ratio")
-"""The [model] keys that a hybrid stack sets per mixer, in its ``[model.mixers.<name>]`` table."""
+BLOCK_KEYS = ("mlp", "mlp_ratio", "mlp_activation", "mlp_multiple_of", "mlp_hidden", "mlp_depth_scaled_init")
+"""The [model] keys of a block's MLP, which a hybrid stack sets per mixer, in its ``[model.mixers.<name>]`` table."""
 
 
 @dataclass(frozen=True)
@@ -92,19 +92,33 @@ class Model:
     n_layers: int = opt(4, "Number of residual blocks.", valid=POSITIVE_INT)
     vocab_size: int = opt(256, "Vocabulary size; at least the data's (tokenizers pad theirs to a multiple of "
                           "64, e.g. gpt2 50304). -1 takes it from the data.", valid=Range(lo=1, also=(-1,)))
-    norm_eps: float = opt(1e-5, "RMSNorm epsilon.", valid=POSITIVE)
-    mlp: bool = opt(True, "Add a SwiGLU MLP after the mixer in each block (plugins may default it off).")
-    mlp_ratio: float = opt(8 / 3, "SwiGLU hidden size as a multiple of dim (rounded up to a multiple of 64).",
+    norm: str = opt("rmsnorm", "The blocks' and the final norm: rmsnorm, or layernorm (with a weight, no bias).",
+                    choices=("rmsnorm", "layernorm"))
+    norm_eps: float = opt(1e-5, "Epsilon of the blocks' and the final norm.", valid=POSITIVE)
+    mlp: bool = opt(True, "Add a gated MLP after the mixer in each block (plugins may default it off).")
+    mlp_activation: str = opt("silu", "The MLP's gate: silu (SwiGLU) or gelu (GeGLU, RetNet's FFN).",
+                              choices=("silu", "gelu"))
+    mlp_ratio: float = opt(8 / 3, "MLP hidden size as a multiple of dim, rounded up to mlp_multiple_of.",
                           valid=POSITIVE)
+    mlp_multiple_of: int = opt(64, "The MLP hidden size is rounded up to a multiple of this (the seed's "
+                               "SwiGLU uses 256).", valid=POSITIVE_INT)
+    mlp_hidden: int = opt(0, "MLP hidden size; 0 takes it from mlp_ratio and mlp_multiple_of.", valid=NON_NEGATIVE)
+    mlp_depth_scaled_init: bool = opt(True, "The MLP's output projection starts at std 0.02 / sqrt(2 n_layers) "
+                                      "(GPT-2's residual scaling, the seed's Llama); false: 0.02 like its other "
+                                      "weights (the seed's GLA and RetNet).")
+    position_embedding: bool = opt(False, "Add a learned absolute position embedding (max seq_len positions, "
+                                   "counted from each document start) to the token embedding, as the seed's "
+                                   "RWKV does.")
     tie_embeddings: bool = opt(False, "Share the token embedding and LM head weights.")
     op_backend: str = opt("auto", "Scan-op backend: auto (fastest available), reference, cuda or triton.")
     mixer: dict = opt({}, "Mixer-specific options; valid keys come from the plugin's [mixer] defaults.")
     pattern: list = opt([], "A hybrid stack instead of one mixer: the mixer names of consecutive blocks, repeated "
                         "over n_layers (a multiple of its length), e.g. [\"longhorn\", \"longhorn\", \"longhorn\", "
-                        "\"llama\"]. Leave name, mlp, mlp_ratio and [model.mixer] out: each mixer's are in "
+                        "\"llama\"]. Leave name, the mlp* keys and [model.mixer] out: each mixer's are in "
                         "[model.mixers.<name>]. Empty: every block is model.name.")
     mixers: dict = opt({}, "Hybrid stacks: a [model.mixers.<name>] table per mixer of model.pattern, with its "
-                       "options (the plugin's [mixer] keys) and its blocks' mlp and mlp_ratio; each defaults to "
+                       "options (the plugin's [mixer] keys) and its blocks' mlp, mlp_ratio, mlp_activation, "
+                       "mlp_multiple_of, mlp_hidden and mlp_depth_scaled_init; each defaults to "
                        "its plugin's defaults file.")
 
     def block_mixers(self) -> list[str]:
@@ -123,6 +137,8 @@ class Optimizer:
     eps: float = opt(1e-8, "AdamW epsilon.", valid=POSITIVE)
     weight_decay: float = opt(0.1, "Weight decay, applied to parameters with two or more dimensions that their module "
                                "does not list in no_weight_decay.", valid=NON_NEGATIVE)
+    weight_decay_exemptions: bool = opt(True, "Honour the modules' no_weight_decay lists (Mamba's A_log); false "
+                                        "decays every parameter of two or more dimensions, as the seed does.")
 
 
 @dataclass
@@ -491,7 +507,7 @@ def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -
     """Check the user's [model] keys of a stack, apply the model-wide plugin defaults, and return what each
     mixer's table declares: its blocks' MLP keys and its options, with their defaults.
 
-    A plugin's ``mlp`` and ``mlp_ratio`` apply to its own blocks. Its other [model] defaults apply to the
+    A plugin's MLP keys (:data:`BLOCK_KEYS`) apply to its own blocks. Its other [model] defaults apply to the
     whole model; two plugins of the stack that disagree on one are an error unless the user sets it.
     """
     for key, fix in (("name", "each block's mixer is in model.pattern"), ("mixer", "use [model.mixers.<name>]"),

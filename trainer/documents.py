@@ -22,14 +22,15 @@ def document_ids(reset: Tensor) -> Tensor:
     return reset.to(torch.int32).cumsum(1, dtype=torch.int32)
 
 
-def document_positions(reset: Tensor, offset: int = 0) -> Tensor:
+def document_positions(reset: Tensor, offset: int | Tensor = 0) -> Tensor:
     """(B, T) int64: each token's position inside its document.
 
     Tokens before the row's first reset continue a document that began ``offset``
-    tokens before the row (the length of the state passed in).
+    tokens before the row (an int, or (B,) per row: the length of the state passed in).
     """
     t = torch.arange(reset.shape[1], device=reset.device).expand(reset.shape)
-    start = torch.where(reset, t, torch.full_like(t, -offset)).cummax(1).values
+    before = -torch.as_tensor(offset, dtype=torch.long, device=reset.device).reshape(-1, 1)
+    start = torch.where(reset, t, before).cummax(1).values
     return t - start
 
 

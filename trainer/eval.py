@@ -48,9 +48,11 @@ def mean_loss(model: LM, cfg: JobConfig, seq_len: int, tokens: int, device: str)
 
 
 def extrapolation(model: LM, cfg: JobConfig, tokens: int, device: str) -> list[tuple[int, float]]:
-    """(length, loss) at each factor of the training context."""
+    """(length, loss) at each factor of the training context that the model can read (a learned position
+    embedding stops at the training context)."""
+    longest = model.max_positions
     return [(f * cfg.training.seq_len, mean_loss(model, cfg, f * cfg.training.seq_len, tokens, device))
-            for f in FACTORS]
+            for f in FACTORS if longest is None or f * cfg.training.seq_len <= longest]
 
 
 @torch.no_grad()
@@ -136,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
         print("  length  factor    loss  perplexity")
         for (length, loss), factor in zip(rows, FACTORS):
             print(f"  {length:6d}  {factor:5d}x  {loss:6.4f}  {math.exp(loss):10.3f}")
+        if len(rows) < len(FACTORS):
+            print(f"  (no longer lengths: the learned position embedding has {model.max_positions} positions)")
             writer.add_scalar(f"eval/ppl_at_{length}", math.exp(loss))
         writer.add_scalar("eval/val_loss", val)
         png = plot(rows, out / "extrapolation.png", f"{name}: trained at {cfg.training.seq_len} tokens")

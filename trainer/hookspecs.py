@@ -42,11 +42,16 @@ The mixer module contract (what ``MixerSpec.build`` returns) is an ``nn.Module``
 * ``init_weights()``: (re)initialises every parameter and buffer in place. Models
   are built on the meta device, moved with ``to_empty`` and then initialised, so
   ``__init__`` must not rely on parameter values.
+* ``residual_input`` (optional attribute, default False): True hands the mixer the
+  residual stream x itself instead of ``norm(x)``; the block then has no norm before
+  the mixer, and the mixer applies its own (RWKV x051a, whose channel mix reads
+  ``norm(x + time_mix(norm(x)))``). The block still adds the output to x.
 * ``no_weight_decay`` (optional attribute): names of the module's own parameters
   that get no weight decay although they have two or more dimensions (by default
   only parameters of two or more dimensions are decayed), e.g. ``("A_log",)``.
   It is a module attribute, not a flag on the parameter, because parameters are
   replaced when the model is sharded (FSDP) and moved off the meta device.
+  ``optimizer.weight_decay_exemptions = false`` ignores these lists (the seed's rule).
 """
 
 from __future__ import annotations

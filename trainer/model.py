@@ -1,9 +1,12 @@
 """The generic causal language model: embedding, N pre-norm blocks, final norm, LM head.
 
 Each block is ``x + mixer(norm(x))``, followed by ``x + mlp(norm(x))`` when the
-block has an MLP (SwiGLU). The mixer comes from a plugin (:mod:`longhorn_zoo.hookspecs`):
-one mixer in every block, or a hybrid stack (``model.pattern``) where each block is
-one of several :class:`BlockKind` s, each a plugin with its own options and MLP.
+block has an MLP (SwiGLU or GeGLU, :mod:`longhorn_zoo.layers`). The mixer comes from a
+plugin (:mod:`longhorn_zoo.hookspecs`): one mixer in every block, or a hybrid stack
+(``model.pattern``) where each block is one of several :class:`BlockKind` s, each a plugin
+with its own options and MLP. With ``position_embedding`` a learned position embedding is
+added to the token embedding; its position then travels in the last entry of the states
+that ``forward(return_states=True)`` and ``step`` return.
 Build the model on the meta device and call :meth:`LM.init_weights` after
 ``to_empty`` so that FSDP can shard it before any memory is touched.
 """
@@ -17,16 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
+from longhorn_zoo.config import BLOCK_KEYS
 from longhorn_zoo.config import Model as ModelConfig
+from longhorn_zoo.documents import document_positions
 from longhorn_zoo.hookspecs import MixerArgs, MixerSpec
+from longhorn_zoo.layers import GatedMLP, build_norm
 
 
 @dataclass(frozen=True)
 class ModelArgs:
-    """The resolved shape of a model."""
+    """The resolved shape of a model (the ``[model]`` options of :class:`longhorn_zoo.config.Model`)."""
 
     dim: int
     n_layers: int
@@ -36,89 +41,101 @@ class ModelArgs:
     mlp: bool = True
     mlp_ratio: float = 8 / 3
     tie_embeddings: bool = False
+    norm: str = "rmsnorm"
+    mlp_activation: str = "silu"
+    mlp_multiple_of: int = 64
+    mlp_hidden_size: int = 0
+    mlp_depth_scaled_init: bool = True
+    position_embedding: bool = False
 
     @classmethod
     def from_config(cls, cfg: ModelConfig, max_seq_len: int) -> ModelArgs:
         return cls(cfg.dim, cfg.n_layers, cfg.vocab_size, max_seq_len, cfg.norm_eps, cfg.mlp, cfg.mlp_ratio,
-                   cfg.tie_embeddings)
+                   cfg.tie_embeddings, cfg.norm, cfg.mlp_activation, cfg.mlp_multiple_of, cfg.mlp_hidden,
+                   cfg.mlp_depth_scaled_init, cfg.position_embedding)
 
     @property
     def mlp_hidden(self) -> int:
-        return 64 * math.ceil(self.mlp_ratio * self.dim / 64)
+        """``mlp_hidden_size``, or int(mlp_ratio x dim) rounded up to a multiple of ``mlp_multiple_of`` (the seed's)."""
+        if self.mlp_hidden_size:
+            return self.mlp_hidden_size
+        return self.mlp_multiple_of * math.ceil(int(self.mlp_ratio * self.dim) / self.mlp_multiple_of)
 
 
 @dataclass(frozen=True)
 class BlockKind:
-    """What a block is: a mixer plugin with its resolved options, and whether a SwiGLU MLP follows it."""
+    """What a block is: a mixer plugin with its resolved options, and the gated MLP that follows it
+    (the block keys of :data:`longhorn_zoo.config.BLOCK_KEYS`)."""
 
     spec: MixerSpec
     options: Mapping[str, Any]
     mlp: bool
     mlp_ratio: float
+    mlp_activation: str = "silu"
+    mlp_multiple_of: int = 64
+    mlp_hidden: int = 0
+    mlp_depth_scaled_init: bool = True
+
+    @classmethod
+    def of(cls, spec: MixerSpec, options: Mapping[str, Any], keys: Any) -> BlockKind:
+        """The kind of ``spec`` with ``options`` and the block keys read from ``keys`` (a mapping or a config)."""
+        get = keys.__getitem__ if isinstance(keys, Mapping) else lambda k: getattr(keys, k)
+        return cls(spec, dict(options), *(get(k) for k in BLOCK_KEYS))
 
     def block_args(self, args: ModelArgs) -> ModelArgs:
         """The model's shape with this kind's MLP, as :class:`Block` reads it."""
-        return dataclasses.replace(args, mlp=self.mlp, mlp_ratio=self.mlp_ratio)
+        return dataclasses.replace(args, mlp=self.mlp, mlp_ratio=self.mlp_ratio, mlp_activation=self.mlp_activation,
+                                   mlp_multiple_of=self.mlp_multiple_of, mlp_hidden_size=self.mlp_hidden,
+                                   mlp_depth_scaled_init=self.mlp_depth_scaled_init)
 
     def mixer_args(self, args: ModelArgs, layer_id: int) -> MixerArgs:
         """What this kind's mixer factory gets in block ``layer_id``."""
         return MixerArgs(args.dim, layer_id, args.n_layers, args.max_seq_len, dict(self.options))
 
 
-class SwiGLU(nn.Module):
-    """out = W2 (SiLU(W1 x) * W3 x)."""
-
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.w1 = nn.Linear(dim, hidden, bias=False)
-        self.w3 = nn.Linear(dim, hidden, bias=False)
-        self.w2 = nn.Linear(hidden, dim, bias=False)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
-
-    def init_weights(self, out_std: float) -> None:
-        nn.init.trunc_normal_(self.w1.weight, std=0.02)
-        nn.init.trunc_normal_(self.w3.weight, std=out_std)
-        nn.init.trunc_normal_(self.w2.weight, std=out_std)
-
-
 class Block(nn.Module):
-    """Pre-norm residual block: mixer, then the optional SwiGLU MLP."""
+    """Pre-norm residual block: mixer, then the optional gated MLP.
+
+    A mixer with ``residual_input = True`` (see :mod:`longhorn_zoo.hookspecs`) gets the
+    residual stream itself and normalises it on its own; the block then has no mixer norm.
+    """
 
     def __init__(self, mixer: nn.Module, args: ModelArgs) -> None:
         super().__init__()
-        self.mixer_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        own_norm = getattr(mixer, "residual_input", False)
+        self.mixer_norm = None if own_norm else build_norm(args.norm, args.dim, args.norm_eps)
         self.mixer = mixer
         if args.mlp:
-            self.mlp_norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
-            self.mlp = SwiGLU(args.dim, args.mlp_hidden)
+            self.mlp_norm = build_norm(args.norm, args.dim, args.norm_eps)
+            self.mlp = GatedMLP(args.dim, args.mlp_hidden, args.mlp_activation)
         else:
             self.mlp_norm = None
             self.mlp = None
-        self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
+        self.out_std = 0.02 / math.sqrt(2 * args.n_layers) if args.mlp_depth_scaled_init else 0.02
 
     def forward(self, x: Tensor, state: Any = None, return_state: bool = False,
                 reset: Tensor | None = None) -> Tensor | tuple[Tensor, Any]:
         docs = {} if reset is None else {"reset": reset}  # mixers written before document resets still work
+        u = x if self.mixer_norm is None else self.mixer_norm(x)
         if return_state:
-            h, state = self.mixer(self.mixer_norm(x), state, return_state=True, **docs)
+            h, state = self.mixer(u, state, return_state=True, **docs)
         else:
-            h = self.mixer(self.mixer_norm(x), state, **docs)
+            h = self.mixer(u, state, **docs)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return (x, state) if return_state else x
 
     def step(self, x: Tensor, state: Any) -> tuple[Tensor, Any]:
-        h, state = self.mixer.step(self.mixer_norm(x), state)
+        h, state = self.mixer.step(x if self.mixer_norm is None else self.mixer_norm(x), state)
         x = x + h
         if self.mlp is not None:
             x = x + self.mlp(self.mlp_norm(x))
         return x, state
 
     def init_weights(self) -> None:
-        self.mixer_norm.reset_parameters()
+        if self.mixer_norm is not None:
+            self.mixer_norm.reset_parameters()
         self.mixer.init_weights()
         if self.mlp is not None:
             self.mlp_norm.reset_parameters()
@@ -152,7 +169,8 @@ class LM(nn.Module):
     """Causal LM over plugin mixers. ``forward(tokens)`` gives logits (B, T, vocab).
 
     ``LM(args, spec, mixer_options)`` puts one mixer in every block, with the MLP of ``args``;
-    ``LM(args, kinds=...)`` builds a hybrid stack, block i of kind ``kinds[i]``.
+    ``LM(args, kinds=...)`` builds a hybrid stack, block i of kind ``kinds[i]``. ``states``
+    are opaque: one entry per block, plus (with a position embedding) each row's next position (B,).
     """
 
     def __init__(self, args: ModelArgs, spec: MixerSpec | None = None, mixer_options: Mapping[str, Any] | None = None,
@@ -161,16 +179,18 @@ class LM(nn.Module):
         if (spec is None) == (kinds is None):
             raise ValueError("LM takes a spec (one mixer in every block) or kinds (one per block), not both")
         if kinds is None:
-            kinds = [BlockKind(spec, dict(mixer_options or {}), args.mlp, args.mlp_ratio)] * args.n_layers
+            keys = {**dataclasses.asdict(args), "mlp_hidden": args.mlp_hidden_size}
+            kinds = [BlockKind.of(spec, mixer_options or {}, keys)] * args.n_layers
         if len(kinds) != args.n_layers:
             raise ValueError(f"LM: {len(kinds)} block kinds for n_layers = {args.n_layers}")
         self.args = args
         self.kinds = tuple(kinds)
         self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        self.pos_embeddings = nn.Embedding(args.max_seq_len, args.dim) if args.position_embedding else None
         self.layers = nn.ModuleDict()
         for i, kind in enumerate(self.kinds):
             self.layers[str(i)] = Block(kind.spec.build(kind.mixer_args(args, i)), kind.block_args(args))
-        self.norm = nn.RMSNorm(args.dim, eps=args.norm_eps)
+        self.norm = build_norm(args.norm, args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
         if args.tie_embeddings:
             self.output.weight = self.tok_embeddings.weight
@@ -182,16 +202,48 @@ class LM(nn.Module):
         ``reset`` (B, T) bool marks document starts in a packed batch: every mixer then
         keeps each document apart from the ones before it (see :mod:`longhorn_zoo.hookspecs`).
         """
-        out = forward_blocks(self.layers.values(), self.tok_embeddings(tokens), states, return_states, reset)
-        if return_states:
-            return self.output(self.norm(out[0])), out[1]
-        return self.output(self.norm(out))
+        h, pos = self._embed(tokens, states, reset)
+        out = forward_blocks(self.layers.values(), h, states, return_states, reset)
+        if not return_states:
+            return self.output(self.norm(out))
+        h, new_states = out
+        if pos is not None:
+            new_states.append(pos[:, -1] + 1)
+        return self.output(self.norm(h)), new_states
+
+    def _embed(self, tokens: Tensor, states: list[Any] | None, reset: Tensor | None) -> tuple[Tensor, Tensor | None]:
+        """Token (and position) embeddings of ``tokens`` (B, T), and the positions used (or None)."""
+        h = self.tok_embeddings(tokens)
+        if self.pos_embeddings is None:
+            return h, None
+        bsz, seqlen = tokens.shape
+        if states is None:
+            if seqlen > self.args.max_seq_len:
+                raise ValueError(f"{seqlen} tokens, but the learned position embedding has {self.args.max_seq_len} "
+                                 "positions (training.seq_len); feed at most that many per document")
+            offset = torch.zeros(bsz, dtype=torch.long, device=tokens.device)
+        else:
+            offset = states[-1]
+        pos = (offset[:, None] + torch.arange(seqlen, device=tokens.device) if reset is None
+               else document_positions(reset, offset))
+        if states is not None and int(pos.max()) >= self.args.max_seq_len:
+            raise ValueError(f"position {int(pos.max())} is past the {self.args.max_seq_len} positions of the learned "
+                             "position embedding (training.seq_len); a document cannot grow longer")
+        return h + self.pos_embeddings(pos), pos
 
     def step(self, token: Tensor, states: list[Any] | None) -> tuple[Tensor, list[Any]]:
         """One decoding step: ``token`` (B,) to logits (B, vocab), with the updated states (one per block:
-        a KV cache for attention, a fixed-size state for recurrent mixers)."""
-        h, new_states = step_blocks(self.layers.values(), self.tok_embeddings(token), states)
+        a KV cache for attention, a fixed-size state for recurrent mixers; then the position, if learned)."""
+        h, pos = self._embed(token.unsqueeze(1), states, None)
+        h, new_states = step_blocks(self.layers.values(), h.squeeze(1), states)
+        if pos is not None:
+            new_states.append(pos[:, -1] + 1)
         return self.output(self.norm(h)), new_states
+
+    @property
+    def max_positions(self) -> int | None:
+        """The longest document the model can read: ``max_seq_len`` with a learned position embedding, else None."""
+        return self.args.max_seq_len if self.pos_embeddings is not None else None
 
     def to_empty(self, *, device: torch.device | str | None, recurse: bool = True) -> LM:
         super().to_empty(device=device, recurse=recurse)
@@ -203,6 +255,8 @@ class LM(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         nn.init.normal_(self.tok_embeddings.weight, std=0.02)
+        if self.pos_embeddings is not None:
+            nn.init.normal_(self.pos_embeddings.weight, std=0.02)
         for layer in self.layers.values():
             layer.init_weights()
         self.norm.reset_parameters()
@@ -224,12 +278,12 @@ def block_kinds(cfg: ModelConfig) -> list[BlockKind]:
     if len(names) != cfg.n_layers:
         raise ValueError(f"model.n_layers = {cfg.n_layers} is not a multiple of model.pattern's {len(cfg.pattern)}")
     if not cfg.pattern:
-        return [BlockKind(get_registry().get(cfg.name).spec, dict(cfg.mixer), cfg.mlp, cfg.mlp_ratio)] * cfg.n_layers
+        return [BlockKind.of(get_registry().get(cfg.name).spec, cfg.mixer, cfg)] * cfg.n_layers
     kinds = {}
     for name in dict.fromkeys(names):
         options = dict(cfg.mixers[name])
-        mlp, ratio = options.pop("mlp"), options.pop("mlp_ratio")
-        kinds[name] = BlockKind(get_registry().get(name).spec, options, mlp, ratio)
+        keys = {k: options.pop(k) for k in BLOCK_KEYS}
+        kinds[name] = BlockKind.of(get_registry().get(name).spec, options, keys)
     return [kinds[name] for name in names]
 
 

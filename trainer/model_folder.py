@@ -50,6 +50,10 @@ class FolderError(ValueError):
     """A model folder that cannot be written or read; the message names the file and the fix."""
 
 
+SHAPE_KEYS = ("norm", "mlp_activation", "mlp_multiple_of", "mlp_hidden", "mlp_depth_scaled_init", "position_embedding")
+"""The other [model] keys that shape the network, written to ``config.json`` as they are."""
+
+
 def parse_size(text: str) -> int:
     """Bytes in ``"5GB"``, ``"500MB"``, ``"64KiB"`` or a plain number (decimal and binary units)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text, re.IGNORECASE)
@@ -76,6 +80,7 @@ def folder_config(cfg: JobConfig, tokenizer: Tokenizer | None, dtype: str) -> di
         "mixer": m.name, "mixer_options": dict(m.mixer), "dim": m.dim, "n_layers": m.n_layers,
         "vocab_size": m.vocab_size, "max_seq_len": cfg.training.seq_len, "norm_eps": m.norm_eps, "mlp": m.mlp,
         "mlp_ratio": m.mlp_ratio, "tie_word_embeddings": m.tie_embeddings,
+        **{k: getattr(m, k) for k in SHAPE_KEYS},
         "plugin": {"distribution": source.dist, "version": source.version, "entry_point": source.entry_point},
         "tokenizer": None if tokenizer is None else tokenizer.name,
         "eos_token_id": None if tokenizer is None else tokenizer.eos_id,
@@ -96,7 +101,8 @@ def build_lm(config: Mapping[str, Any]) -> LM:
                           f"{plugin.get('distribution', '?')}=={plugin.get('version', '?')}") from None
     m = ModelConfig(name=name, dim=config["dim"], n_layers=config["n_layers"], vocab_size=config["vocab_size"],
                     norm_eps=config["norm_eps"], mlp=config["mlp"], mlp_ratio=config["mlp_ratio"],
-                    tie_embeddings=config["tie_word_embeddings"], mixer=dict(config["mixer_options"]))
+                    tie_embeddings=config["tie_word_embeddings"], mixer=dict(config["mixer_options"]),
+                    **{k: config[k] for k in SHAPE_KEYS if k in config})  # folders written before them: defaults
     return LM(ModelArgs.from_config(m, config["max_seq_len"]), spec, m.mixer)
 
 

@@ -15,9 +15,11 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
     """AdamW with weight decay on parameters of two or more dimensions only (not norms, biases, D).
 
     A module opts its own parameters out of weight decay by naming them in a
-    ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``); see :mod:`longhorn_zoo.hookspecs`.
+    ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``; see :mod:`longhorn_zoo.hookspecs`),
+    unless ``cfg.weight_decay_exemptions`` is off.
     """
-    exempt = {id(mod.get_parameter(name)) for mod in model.modules() for name in getattr(mod, "no_weight_decay", ())}
+    exempt = {id(mod.get_parameter(name)) for mod in model.modules() for name in getattr(mod, "no_weight_decay", ())
+              if cfg.weight_decay_exemptions}
     decay, no_decay = [], []
     for p in model.parameters():
         if p.requires_grad:

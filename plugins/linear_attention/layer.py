@@ -5,9 +5,13 @@
     o, S = linear_attn_scan(q, k, v, log_decay, u, scale, S)    # per head, state S (K, V)
     y    = W_o (HeadNorm(o) * SiLU(gate))
 
-HeadNorm is an RMSNorm over each head's V channels with a learned weight per
-channel. It stands in for the papers' group norm (GLA: RMSNorm per head as in
-fla; RetNet and RWKV: GroupNorm, i.e. LayerNorm per head, without the mean).
+HeadNorm normalises each head's V channels, one of (``head_norm``):
+
+    rmsnorm             RMSNorm with a learned weight per channel (fla's GLA, RWKV-6 here)
+    rmsnorm_noaffine    RMSNorm without weights (the seed's RetNet)
+    layernorm_noaffine  LayerNorm without weights (the seed's GLA)
+    groupnorm           LayerNorm with a weight and a bias per channel (GroupNorm with one
+                        group per head: RWKV)
 
 The optional short convolution (``short_conv`` = kernel width) gives the features
 the last few tokens, as the short convolutions used with GLA and RetNet on
@@ -73,20 +77,32 @@ def expanded_dims(args: MixerArgs) -> tuple[int, int]:
     return int(float(o["expand_k"]) * args.dim), int(float(o["expand_v"]) * args.dim)
 
 
+HEAD_NORMS = ("rmsnorm", "rmsnorm_noaffine", "layernorm_noaffine", "groupnorm")
+
+
 class LinearAttention(RecurrentMixer):
     """Base of the three mixers: subclasses define :meth:`features`, :meth:`init_features`,
-    ``scale`` and, for RWKV, the ``bonus`` parameter (H, K/H)."""
+    ``scale`` and, for RWKV, the ``bonus`` parameter (see :meth:`scan_bonus`).
+
+    ``out_std`` is the std of W_o at init: 0.02 / sqrt(2 n_layers) unless the subclass sets it.
+    """
 
     def __init__(self, dim: int, n_heads: int, key_dim: int, value_dim: int, n_layers: int,
-                 scale: float | None = None, short_conv: int = 0) -> None:
+                 scale: float | None = None, short_conv: int = 0, head_norm: str = "rmsnorm",
+                 head_norm_eps: float = 1e-5) -> None:
         super().__init__()
         if key_dim % n_heads or value_dim % n_heads:
             raise ValueError(f"key dim {key_dim} and value dim {value_dim} must be multiples of n_heads {n_heads}")
+        if head_norm not in HEAD_NORMS:
+            raise ValueError(f"model.mixer.head_norm = {head_norm!r}; choose one of {', '.join(HEAD_NORMS)}")
         self.key_dim, self.value_dim = key_dim, value_dim
         self.n_heads, self.head_k, self.head_v = n_heads, key_dim // n_heads, value_dim // n_heads
         self.scale = self.head_k**-0.5 if scale is None else scale
         self.register_parameter("bonus", None)
-        self.norm_weight = nn.Parameter(torch.empty(value_dim))
+        self.head_norm, self.head_norm_eps = head_norm, head_norm_eps
+        affine = head_norm in ("rmsnorm", "groupnorm")
+        self.norm_weight = nn.Parameter(torch.empty(value_dim)) if affine else None
+        self.norm_bias = nn.Parameter(torch.empty(value_dim)) if head_norm == "groupnorm" else None
         self.o_proj = nn.Linear(value_dim, dim, bias=False)
         self.short_conv = short_conv
         if short_conv > 0:
@@ -105,6 +121,24 @@ class LinearAttention(RecurrentMixer):
         """(B, T, H * X) as (B, T, H, X)."""
         return x.unflatten(-1, (self.n_heads, -1))
 
+    def scan_bonus(self) -> Tensor | None:
+        """The bonus u (H, K/H) the scan gets, or None (no bonus)."""
+        return self.bonus
+
+    def normalize_heads(self, o: Tensor) -> Tensor:
+        """HeadNorm of o (B, T, H, V/H), flattened to (B, T, V)."""
+        shape = (self.head_v,)
+        if self.head_norm.startswith("rmsnorm"):
+            o = F.rms_norm(o, shape, eps=self.head_norm_eps)
+        else:
+            o = F.layer_norm(o, shape, eps=self.head_norm_eps)
+        o = o.flatten(2)
+        if self.norm_weight is not None:
+            o = o * self.norm_weight
+        if self.norm_bias is not None:
+            o = o + self.norm_bias
+        return o
+
     def convolve(self, x: Tensor, window: Tensor | None, reset: Tensor | None) -> tuple[Tensor, Tensor]:
         """SiLU of the causal depthwise conv of x (B, T, D), continuing ``window``; and the new window."""
         return causal_conv1d(x, self.conv.weight.squeeze(1), self.conv.bias, window, reset, "silu")
@@ -120,17 +154,19 @@ class LinearAttention(RecurrentMixer):
                 cd = torch.float64 if x.dtype == torch.float64 else torch.float32
                 s = x.new_zeros(x.shape[0], self.n_heads, self.head_k, self.head_v, dtype=cd)
             g = f.log_decay[:, 0] if f.log_decay.dim() == 4 else f.log_decay
-            o, s = linear_attn_step(f.q[:, 0], f.k[:, 0], f.v[:, 0], g, self.bonus, self.scale, s)
+            o, s = linear_attn_step(f.q[:, 0], f.k[:, 0], f.v[:, 0], g, self.scan_bonus(), self.scale, s)
             o = o.unsqueeze(1)
         else:
-            o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.bonus, self.scale, s, reset)
-        o = F.rms_norm(o, (self.head_v,), eps=1e-5).flatten(2) * self.norm_weight
-        return self.o_proj(o * F.silu(f.gate)), (f.context, window, s)
+            o, s = linear_attn_scan(f.q, f.k, f.v, f.log_decay, self.scan_bonus(), self.scale, s, reset)
+        return self.o_proj(self.normalize_heads(o) * F.silu(f.gate)), (f.context, window, s)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        nn.init.ones_(self.norm_weight)
-        nn.init.trunc_normal_(self.o_proj.weight, std=self.out_std)
+        if self.norm_weight is not None:
+            nn.init.ones_(self.norm_weight)
+        if self.norm_bias is not None:
+            nn.init.zeros_(self.norm_bias)
+        nn.init.normal_(self.o_proj.weight, std=self.out_std)
         if self.short_conv > 0:
             self.conv.reset_parameters()
         self.init_features()
@@ -157,11 +193,13 @@ def flops_per_token(build: Callable[[MixerArgs], nn.Module]) -> Callable[[MixerA
 # default chunk of 32 (a decay factor of e^-5 = 0.0067). Mixers whose decay is unbounded clamp it
 # here, in the model, so that every backend computes the same function.
 MIN_LOG_DECAY = -5.0
+# A decay per head runs in chunks of 64, so its bound per step is half as large.
+MIN_LOG_DECAY_PER_HEAD = -2.5
 
 
-def bounded_log_decay(log_decay: Tensor) -> Tensor:
-    """``log_decay`` clamped below at :data:`MIN_LOG_DECAY` (no gradient where clamped)."""
-    return log_decay.clamp(min=MIN_LOG_DECAY)
+def bounded_log_decay(log_decay: Tensor, floor: float = MIN_LOG_DECAY) -> Tensor:
+    """``log_decay`` clamped below at ``floor`` (:data:`MIN_LOG_DECAY`; no gradient where clamped)."""
+    return log_decay.clamp(min=floor)
 
 
 def assign_(param: Tensor, value: Tensor) -> None:
@@ -173,6 +211,20 @@ def assign_(param: Tensor, value: Tensor) -> None:
 
         value = distribute_tensor(value, param.device_mesh, param.placements, src_data_rank=None)
     param.copy_(value)
+
+
+def init_rows_(param: Tensor, parts: list[tuple[int, Callable[[Tensor], Any]]]) -> None:
+    """Initialise consecutive row blocks of ``param`` differently: ``parts`` is (rows, in-place init) in order.
+
+    The whole tensor is drawn on every rank from torch's global generator (seeded alike) and
+    assigned with :func:`assign_`, so it works on FSDP-sharded parameters too.
+    """
+    if sum(rows for rows, _ in parts) != param.shape[0]:
+        raise ValueError(f"init_rows_: the parts cover {sum(r for r, _ in parts)} rows of {param.shape[0]}")
+    full = torch.empty(param.shape, dtype=torch.float32)
+    for block, (_, init) in zip(full.split([rows for rows, _ in parts]), parts):
+        init(block)
+    assign_(param, full)
 
 
 def token_shift(x: Tensor, last: Tensor | None, reset: Tensor | None = None) -> tuple[Tensor, Tensor]:

@@ -51,7 +51,7 @@ class SelectiveBlock(nn.Module):
         self.d_inner = int(o["expand"]) * args.dim
         self.conv_kernel = int(o["conv_kernel"])
         self.dt_rank = int(o["dt_rank"]) or math.ceil(args.dim / 16)
-        self.out_std = 0.02 / math.sqrt(2 * args.n_layers)
+        self.out_scale = 1 / math.sqrt(args.n_layers)
         self.in_proj = nn.Linear(args.dim, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.conv_kernel, groups=self.d_inner, bias=True)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
@@ -101,11 +101,15 @@ class SelectiveBlock(nn.Module):
         return self.out_proj(y), (window[..., 1:], h)
 
     def init_weights(self) -> None:
-        nn.init.trunc_normal_(self.in_proj.weight, std=0.02)
+        # As mamba_ssm (and the seed's Longhorn) initialise: in_proj, x_proj and the conv keep PyTorch's
+        # default (uniform within 1/sqrt(fan_in)), out_proj that divided by sqrt(n_layers).
+        self.in_proj.reset_parameters()
         self.conv1d.reset_parameters()
-        nn.init.trunc_normal_(self.x_proj.weight, std=0.02)
+        self.x_proj.reset_parameters()
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         self.init_dt_bias()
         nn.init.ones_(self.D)
-        nn.init.trunc_normal_(self.out_proj.weight, std=self.out_std)
+        self.out_proj.reset_parameters()
+        with torch.no_grad():
+            self.out_proj.weight.mul_(self.out_scale)
