@@ -223,6 +223,17 @@ def test_interpreter_other_kernel_sizes_no_bias_no_activation(interpreter, K):
 
 
 @needs_triton
+def test_kernel_sizes_beyond_the_kernels_run_the_reference(interpreter):
+    """K > MAX_K has no kernel (one accumulator per tap): the backend runs the reference and its autograd."""
+    from longhorn_zoo.plugins.selective_scan.conv_triton import MAX_K
+
+    torch.manual_seed(7)
+    check_backend(make_inputs(2, 13, 8, MAX_K + 1, torch.float64), "silu", 1e-12, 1e-12)
+    check_backend(make_inputs(1, 9, 8, MAX_K + 2, torch.float64, state=False, bias=False), "none", 1e-12, 1e-12,
+                  final_grad=False)  # fmt: skip
+
+
+@needs_triton
 def test_interpreter_float32_without_final_state_gradient(interpreter):
     torch.manual_seed(4)
     check_backend(make_inputs(1, 21, 8, 4, torch.float32), "silu", 1e-5, 1e-5, final_grad=False)
@@ -232,7 +243,7 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from longhorn_zoo.plugins.selective_scan import conv_triton as ct, conv_triton_kernels as kern
-flags = dict(K=4, KP=4, KP2=8, SILU=True, HAS_BIAS=True, HAS_STATE=True, HAS_RESET=True, HAS_DST=True)
+flags = dict(K=4, KP=4, SILU=True, HAS_BIAS=True, HAS_STATE=True, HAS_RESET=True, HAS_DST=True)
 pointers = {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "s0": "*bf16", "r": "*u8", "y": "*bf16", "sT": "*bf16",
             "dy": "*bf16", "dsT": "*bf16", "dx": "*bf16", "ds0": "*fp32", "part": "*fp32"}
 for fn, (bt, be, warps) in ((kern.conv_fwd_kernel, ct.FWD_CONFIGS[0]), (kern.conv_bwd_kernel, ct.BWD_CONFIGS[0])):

@@ -123,9 +123,11 @@ def _causal_conv1d_examples(dtype: torch.dtype, gen: torch.Generator) -> list[tu
 
 
 def _triton_forward(x, weight, bias, initial_state, reset, activation="silu"):
-    from longhorn_zoo.plugins.selective_scan.conv_triton import conv_fwd
+    from longhorn_zoo.plugins.selective_scan.conv_triton import MAX_K, conv_fwd
 
     check_conv_args(x, weight, bias, initial_state, reset, activation)
+    if weight.shape[1] > MAX_K:  # no kernel: the reference, on the GPU
+        return causal_conv1d_reference(x, weight, bias, initial_state, reset, activation)
     return conv_fwd(x, weight, bias, initial_state, reset, activation)
 
 
@@ -133,13 +135,32 @@ def _triton_backward(
     inputs: tuple[Any, ...], outputs: tuple[Tensor, ...], grads: tuple[Tensor | None, ...]
 ) -> tuple[Tensor | None, ...]:
     """Gradients of (x, weight, bias, initial_state, reset, activation) from those of (y, final_state)."""
-    from longhorn_zoo.plugins.selective_scan.conv_triton import conv_bwd
+    from longhorn_zoo.plugins.selective_scan.conv_triton import MAX_K, conv_bwd
 
     x, weight, bias, initial_state, reset, activation = inputs
     dy, d_final = grads
     dy = torch.zeros_like(outputs[0]) if dy is None else dy
+    if weight.shape[1] > MAX_K:  # no kernel: autograd through the reference, as the forward ran it
+        return _reference_backward(inputs, dy, d_final)
     dx, dw, db, ds0 = conv_bwd(x, weight, bias, initial_state, reset, activation, dy, d_final)
     return dx, dw, (None if bias is None else db), (None if initial_state is None else ds0), None, None
+
+
+def _reference_backward(inputs: tuple[Any, ...], dy: Tensor, d_final: Tensor | None) -> tuple[Tensor | None, ...]:
+    """The backward of :func:`causal_conv1d_reference` by autograd, in the op's gradient order."""
+    x, weight, bias, initial_state, reset, activation = inputs
+    leaves = [None if t is None else t.detach().requires_grad_() for t in (x, weight, bias, initial_state)]
+    with torch.enable_grad():
+        y, final = causal_conv1d_reference(*leaves, reset, activation)
+        outs, out_grads = [y], [dy]
+        if d_final is not None:
+            outs.append(final)
+            out_grads.append(d_final)
+        present = [t for t in leaves if t is not None]
+        got = iter(torch.autograd.grad(outs, present, out_grads, allow_unused=True))
+    grads = [None if t is None else next(got) for t in leaves]
+    grads = [g if g is not None or t is None else torch.zeros_like(t) for g, t in zip(grads, leaves)]
+    return (*grads, None, None)
 
 
 TRITON_BACKEND = Backend(name="triton", device_type="cuda", is_available=triton_available,

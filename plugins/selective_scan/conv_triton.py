@@ -19,16 +19,18 @@ from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
 from longhorn_zoo.plugins.selective_scan import conv_triton_kernels as kern
+from longhorn_zoo.plugins.selective_scan.conv_triton_kernels import MAX_K
+
+__all__ = ["MAX_K", "conv_bwd", "conv_fwd", "use_configs"]
 
 FWD_CONFIGS = [(16, 128, 4), (32, 128, 4), (64, 128, 8)]
 """(BT steps, BE channels, warps) the forward's autotuner tries. ptxas (sm_90, bf16, with state and
 resets): 64, 119 and 123 registers, no spills."""
-BWD_CONFIGS = [(8, 128, 4), (16, 128, 8), (32, 128, 8)]
-"""(BT steps, BE channels, warps) the backward's autotuner tries; every BT divides CHUNK_MULTIPLE.
-ptxas (sm_90, bf16, with state and resets): 128, 116 and 177 registers, no spills to speak of."""
+BWD_CONFIGS = [(2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4)]
+"""(BT steps, BE channels, warps) the backward's autotuner tries; every BT divides CHUNK_MULTIPLE."""
 CHUNK_MULTIPLE = 64
 """The backward's chunk of steps per program is a multiple of this (so of every BT)."""
-MIN_BWD_PROGRAMS = 1024
+MIN_BWD_PROGRAMS = 2048
 """The backward splits time into chunks until about this many programs run (at 128 channels a program)."""
 
 
@@ -132,7 +134,7 @@ def conv_bwd(
         return triton.cdiv(chans, m["BE"]), nchunks, bsz
 
     _bwd[grid](*ptrs, dy, df, dx, ds0, part, seqlen, chans, ct, *strides, *dy.stride(),
-               *df_strides, KP2=_pow2(ksize + 1), HAS_DST=d_final_state is not None, **meta)  # fmt: skip
+               *df_strides, HAS_DST=d_final_state is not None, **meta)  # fmt: skip
     sums = part.sum(0)
     dw = sums[:ksize].t().contiguous().to(weight.dtype)
     db = sums[ksize].to(weight.dtype if bias is None else bias.dtype)

@@ -2,7 +2,7 @@
 
 Imported only by :mod:`.conv_triton`, when the Triton backend runs, so the trainer runs without Triton.
 
-Every program works on a tile of BT steps and BE channels (x's last, unit-stride dimension) of one
+Every program works on tiles of BT steps and BE channels (x's last, unit-stride dimension) of one
 batch row. The input at position p reaches the outputs p..p+K-1; it reaches q = p + s when no
 document starts at p+1..q, so both passes build their masks from K shifted loads of ``reset``.
 Positions -(K-1)..-1 read the initial state.
@@ -11,12 +11,13 @@ Positions -(K-1)..-1 read the initial state.
     backward  g_q = dy_q SiLU'(a_q) with a_q recomputed,  dx_p = sum_s w[K-1-s] g_{p+s} (+ d final state),
               dw[K-1-s] = sum_p x_p g_{p+s},  dbias = sum_q g_q.
 
-The backward recomputes a at the K shifts p..p+K-1 of its tile (loads of x it made a moment before,
-served from L1/L2), so it reads x and dy once from memory and stores nothing but dx, the initial
-state's gradient and one (K+1, BE) tile of fp32 partial sums per program (rows 0..K-1 dw, row K
-dbias); each program loops over the tiles of a chunk of CT steps, and a ``sum`` over the programs
-finishes the reduction (deterministic, no atomics). The loops over taps are runtime loops, so the
-K x K recomputed taps are never all live at once: it keeps the registers (and spills) down.
+The backward recomputes a at the K shifts p..p+K-1 of its tile from shifted loads of x (a moment
+before, so served from L1), so it reads x and dy once from memory. Each program walks the tiles of a
+chunk of CT steps and keeps the weight and bias terms in one (BT, BE) fp32 accumulator per tap,
+elementwise: the sums over steps, which cross warps, run once per program at its end, into one
+(K+1, BE) tile of partial sums (rows 0..K-1 dw, row K dbias); a ``sum`` over the programs finishes
+the reduction (deterministic, no atomics). The taps are unrolled, with one accumulator each, up to
+MAX_K; :mod:`.conv_triton` sends larger kernels to the reference.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def _preact(x, w, bias, s0, r, q, e, T, E, sxt, sxe, sse, ssk, swe, swk,
     if HAS_BIAS:
         acc += tl.load(bias + e, mask=em, other=0.0).to(tl.float32)[None, :]
     seen = tl.full([N], 1, tl.int1)  # no document starts at q-s+1..q
-    for s in tl.range(0, K, loop_unroll_factor=1):  # a loop, not unrolled: few registers, many programs
+    for s in tl.static_range(K):
         xs = _x_at(x, s0, q - s, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE)
         if HAS_RESET:
             xs = tl.where(seen[:, None], xs, 0.0)
@@ -97,20 +98,23 @@ def conv_fwd_kernel(x, w, bias, s0, r, y, sT, T, E, sxb, sxt, sxe, ssb, sse, ssk
                  mask=(i < K - 1)[:, None] & em)  # fmt: skip
 
 
+MAX_K = 6
+"""Kernel sizes up to this have kernels (one accumulator per tap, unrolled); larger ones use the reference."""
+
+
 @triton.jit
-def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, swe, swk, sdt, sde, sfe, sfk,
-             N: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, KP2: tl.constexpr, SILU: tl.constexpr,
-             HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr,
-             HAS_DST: tl.constexpr):  # fmt: skip
-    """For the inputs at positions p (N,) of one batch row: their gradient (N, BE), and (KP2, BE) sums over
-    those marked ``own``: rows 0..K-1 their weight-gradient terms (row j: tap j), row K their bias terms."""
+def _grads(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, swe, swk, sdt, sde, sfe, sfk,
+           a0, a1, a2, a3, a4, a5, ab,
+           N: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
+           HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DST: tl.constexpr):  # fmt: skip
+    """For the inputs at positions p (N,) of one batch row: their gradient (N, BE), and the accumulators
+    (N, BE) fp32 updated with the terms of the inputs marked ``own``: a<s> += x_p g_{p+s} (the gradient of
+    tap K-1-s), ab += g_p (the bias). Elementwise only: the sums over steps are left to the caller."""
     em = e < E
     xp = tl.where(own[:, None], _x_at(x, s0, p, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE), 0.0)
     dxp = tl.zeros([N, BE], tl.float32)
-    sums = tl.zeros([KP2, BE], tl.float32)
-    rows = tl.arange(0, KP2)[:, None]
     seen = tl.full([N], 1, tl.int1)  # no document starts at p+1..p+s
-    for s in tl.range(0, K, loop_unroll_factor=1):
+    for s in tl.static_range(K):
         q = p + s
         g = tl.load(dy + q[:, None].to(tl.int64) * sdt + e[None, :] * sde,
                     mask=((q >= 0) & (q < T))[:, None] & em[None, :], other=0.0).to(tl.float32)  # fmt: skip
@@ -122,11 +126,22 @@ def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, sw
         if HAS_RESET:
             g = tl.where(seen[:, None], g, 0.0)
             seen = seen & _no_reset(r, q + 1, T)
-        if s == 0:
-            sums = tl.where(rows == K, sums + tl.sum(tl.where(own[:, None], g, 0.0), 0)[None, :], sums)
         tap = tl.load(w + e * swe + (K - 1 - s) * swk, mask=em, other=0.0).to(tl.float32)
         dxp += tap[None, :] * g
-        sums = tl.where(rows == K - 1 - s, sums + tl.sum(xp * g, 0)[None, :], sums)
+        term = xp * g
+        if s == 0:
+            a0 += term
+            ab += tl.where(own[:, None], g, 0.0)
+        if s == 1:
+            a1 += term
+        if s == 2:
+            a2 += term
+        if s == 3:
+            a3 += term
+        if s == 4:
+            a4 += term
+        if s == 5:
+            a5 += term
     if HAS_DST:
         idx = p - (T - (K - 1))
         hit = (idx >= 0) & (idx < K - 1)
@@ -134,12 +149,19 @@ def _grad_at(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, sw
             hit = hit & _kept(r, p, T, N, K)
         dxp += tl.load(dsT + e[None, :] * sfe + idx[:, None] * sfk, mask=hit[:, None] & em[None, :],
                        other=0.0).to(tl.float32)  # fmt: skip
-    return dxp, sums
+    return dxp, a0, a1, a2, a3, a4, a5, ab
+
+
+@triton.jit
+def _store_tap(rows, e, em, d, E, K: tl.constexpr, s: tl.constexpr):
+    """The gradient d (BE,) of tap K-1-s to its row of rows (K+1, E), when there is such a tap (s < K)."""
+    if s < K:
+        tl.store(rows + (K - 1 - s) * E + e, d, mask=em)
 
 
 @triton.jit
 def conv_bwd_kernel(x, w, bias, s0, r, dy, dsT, dx, ds0, part, T, E, CT, sxb, sxt, sxe, ssb, sse, ssk, swe, swk,
-                    sdb, sdt, sde, sfb, sfe, sfk, K: tl.constexpr, KP: tl.constexpr, KP2: tl.constexpr,
+                    sdb, sdt, sde, sfb, sfe, sfk, K: tl.constexpr, KP: tl.constexpr,
                     BT: tl.constexpr, BE: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
                     HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DST: tl.constexpr):  # fmt: skip
     """dx (B, T, E) and ds0 (B, E, K-1), contiguous; part (B * chunks, K+1, E) gets this program's
@@ -147,23 +169,39 @@ def conv_bwd_kernel(x, w, bias, s0, r, dy, dsT, dx, ds0, part, T, E, CT, sxb, sx
     i_e, i_c, b = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     x, s0, r, dy, dsT = x + b * sxb, s0 + b * ssb, r + b * T, dy + b * sdb, dsT + b * sfb  # this batch row
     e = i_e * BE + tl.arange(0, BE)
-    em = (e < E)[None, :]
-    acc = tl.zeros([KP2, BE], tl.float32)
+    em = e < E
+    a0 = tl.zeros([BT, BE], tl.float32)
+    a1, a2, a3, a4, a5, ab = a0, a0, a0, a0, a0, a0
     for t0 in range(i_c * CT, tl.minimum(i_c * CT + CT, T), BT):
         p = t0 + tl.arange(0, BT)
-        dxp, sums = _grad_at(x, w, bias, s0, r, dy, dsT, p, p < T, e, T, E, sxt, sxe, sse, ssk, swe, swk,
-                               sdt, sde, sfe, sfk, BT, BE, K, KP2, SILU, HAS_BIAS, HAS_STATE, HAS_RESET,
-                               HAS_DST)  # fmt: skip
-        tl.store(dx + (b * T + p[:, None]) * E + e[None, :], dxp.to(dx.dtype.element_ty), mask=(p < T)[:, None] & em)
-        acc += sums
+        dxp, a0, a1, a2, a3, a4, a5, ab = _grads(
+            x, w, bias, s0, r, dy, dsT, p, p < T, e, T, E, sxt, sxe, sse, ssk, swe, swk, sdt, sde, sfe, sfk,
+            a0, a1, a2, a3, a4, a5, ab, BT, BE, K, SILU, HAS_BIAS, HAS_STATE, HAS_RESET, HAS_DST)  # fmt: skip
+        tl.store(dx + (b * T + p[:, None]) * E + e[None, :], dxp.to(dx.dtype.element_ty),
+                 mask=(p < T)[:, None] & em[None, :])  # fmt: skip
+    d0, d1, d2, d3, d4, d5, db = (tl.sum(a0, 0), tl.sum(a1, 0), tl.sum(a2, 0), tl.sum(a3, 0), tl.sum(a4, 0),
+                                  tl.sum(a5, 0), tl.sum(ab, 0))  # fmt: skip
     if HAS_STATE:
-        if i_c == 0:
-            i = tl.arange(0, KP)  # names of their own: a runtime if may not retype the loop's p, dxp
+        if i_c == 0:  # the initial state's inputs, positions -(K-1)..-1; names of their own (a runtime if)
+            i = tl.arange(0, KP)
             ps = i - (K - 1)
-            ds, sums = _grad_at(x, w, bias, s0, r, dy, dsT, ps, ps < 0, e, T, E, sxt, sxe, sse, ssk, swe, swk,
-                                  sdt, sde, sfe, sfk, KP, BE, K, KP2, SILU, HAS_BIAS, HAS_STATE, HAS_RESET,
-                                  HAS_DST)  # fmt: skip
-            tl.store(ds0 + (b * E + e[None, :]) * (K - 1) + i[:, None], ds, mask=(i < K - 1)[:, None] & em)
-            acc += sums
-    rows = tl.arange(0, KP2)[:, None]
-    tl.store(part + ((b * tl.num_programs(1) + i_c) * (K + 1) + rows) * E + e[None, :], acc, mask=(rows <= K) & em)
+            z = tl.zeros([KP, BE], tl.float32)
+            ds, z0, z1, z2, z3, z4, z5, zb = _grads(
+                x, w, bias, s0, r, dy, dsT, ps, ps < 0, e, T, E, sxt, sxe, sse, ssk, swe, swk, sdt, sde, sfe, sfk,
+                z, z, z, z, z, z, z, KP, BE, K, SILU, HAS_BIAS, HAS_STATE, HAS_RESET, HAS_DST)  # fmt: skip
+            tl.store(ds0 + (b * E + e[None, :]) * (K - 1) + i[:, None], ds, mask=(i < K - 1)[:, None] & em[None, :])
+            d0 += tl.sum(z0, 0)
+            d1 += tl.sum(z1, 0)
+            d2 += tl.sum(z2, 0)
+            d3 += tl.sum(z3, 0)
+            d4 += tl.sum(z4, 0)
+            d5 += tl.sum(z5, 0)
+            db += tl.sum(zb, 0)
+    rows = part + (b * tl.num_programs(1) + i_c) * (K + 1) * E  # this program's (K+1, E) rows
+    _store_tap(rows, e, em, d0, E, K, 0)
+    _store_tap(rows, e, em, d1, E, K, 1)
+    _store_tap(rows, e, em, d2, E, K, 2)
+    _store_tap(rows, e, em, d3, E, K, 3)
+    _store_tap(rows, e, em, d4, E, K, 4)
+    _store_tap(rows, e, em, d5, E, K, 5)
+    tl.store(rows + K * E + e, db, mask=em)
