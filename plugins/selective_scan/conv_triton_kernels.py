@@ -11,8 +11,8 @@ Positions -(K-1)..-1 read the initial state.
     backward  g_q = dy_q SiLU'(a_q) with a_q recomputed,  dx_p = sum_s w[K-1-s] g_{p+s} (+ d final state),
               dw[K-1-s] = sum_p x_p g_{p+s},  dbias = sum_q g_q.
 
-The backward recomputes a at the K shifts p..p+K-1 of its tile from shifted loads of x (a moment
-before, so served from L1), so it reads x and dy once from memory. Each program walks the tiles of a
+The backward recomputes a at the K shifts p..p+K-1 of its tile from the 2K-1 shifted loads of x
+(each once; the neighbouring tiles' loads, so served from L1), so it reads x and dy once from memory. Each program walks the tiles of a
 chunk of CT steps and keeps the weight and bias terms in one (BT, BE) fp32 accumulator per tap,
 elementwise: the sums over steps, which cross warps, run once per program at its end, into one
 (K+1, BE) tile of partial sums (rows 0..K-1 dw, row K dbias); a ``sum`` over the programs finishes
@@ -103,15 +103,79 @@ MAX_K = 6
 
 
 @triton.jit
+def _no_reset_in(r, p, lo: tl.constexpr, hi: tl.constexpr, T, N: tl.constexpr):
+    """True where no document starts at p+lo..p+hi (none when lo > hi)."""
+    ok = tl.full([N], 1, tl.int1)
+    for m in tl.static_range(lo, hi + 1):
+        ok = ok & _no_reset(r, p + m, T)
+    return ok
+
+
+@triton.jit
+def _add_to(c0, c1, c2, c3, c4, c5, s: tl.constexpr, v):
+    """(c0..c5) with v added to c<s>."""
+    if s == 0:
+        c0 += v
+    if s == 1:
+        c1 += v
+    if s == 2:
+        c2 += v
+    if s == 3:
+        c3 += v
+    if s == 4:
+        c4 += v
+    if s == 5:
+        c5 += v
+    return c0, c1, c2, c3, c4, c5
+
+
+@triton.jit
+def _pick(c0, c1, c2, c3, c4, c5, s: tl.constexpr):
+    """c<s>."""
+    c = c0
+    if s == 1:
+        c = c1
+    if s == 2:
+        c = c2
+    if s == 3:
+        c = c3
+    if s == 4:
+        c = c4
+    if s == 5:
+        c = c5
+    return c
+
+
+@triton.jit
 def _grads(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, swe, swk, sdt, sde, sfe, sfk,
            a0, a1, a2, a3, a4, a5, ab,
            N: tl.constexpr, BE: tl.constexpr, K: tl.constexpr, SILU: tl.constexpr, HAS_BIAS: tl.constexpr,
            HAS_STATE: tl.constexpr, HAS_RESET: tl.constexpr, HAS_DST: tl.constexpr):  # fmt: skip
     """For the inputs at positions p (N,) of one batch row: their gradient (N, BE), and the accumulators
     (N, BE) fp32 updated with the terms of the inputs marked ``own``: a<s> += x_p g_{p+s} (the gradient of
-    tap K-1-s), ab += g_p (the bias). Elementwise only: the sums over steps are left to the caller."""
+    tap K-1-s), ab += g_p (the bias). Elementwise only: the sums over steps are left to the caller.
+
+    The pre-activations c<s> at the K shifts p+s come from the 2K-1 shifted inputs x_{p+d}, each loaded
+    once: x_{p+d} reaches c<s> through tap K-1-(s-d) when 0 <= s-d < K and no document starts at p+d+1..p+s."""
     em = e < E
-    xp = tl.where(own[:, None], _x_at(x, s0, p, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE), 0.0)
+    c0 = tl.zeros([N, BE], tl.float32)
+    if HAS_BIAS:
+        c0 += tl.load(bias + e, mask=em, other=0.0).to(tl.float32)[None, :]
+    c1, c2, c3, c4, c5 = c0, c0, c0, c0, c0
+    xp = c0
+    for d in tl.static_range(1 - K, K):
+        xd = _x_at(x, s0, p + d, e, T, E, sxt, sxe, sse, ssk, K, HAS_STATE)
+        if d == 0:
+            xp = tl.where(own[:, None], xd, 0.0)
+        if SILU:
+            for s in tl.static_range(K):
+                if s - d >= 0:
+                    if s - d < K:
+                        tap = tl.load(w + e * swe + (K - 1 - s + d) * swk, mask=em, other=0.0).to(tl.float32)
+                        v = tap[None, :] * xd
+                        if HAS_RESET:
+                            v = tl.where(_no_reset_in(r, p, d + 1, s, T, N)[:, None], v, 0.0)
+                        c0, c1, c2, c3, c4, c5 = _add_to(c0, c1, c2, c3, c4, c5, s, v)
     dxp = tl.zeros([N, BE], tl.float32)
     seen = tl.full([N], 1, tl.int1)  # no document starts at p+1..p+s
     for s in tl.static_range(K):
@@ -119,29 +183,18 @@ def _grads(x, w, bias, s0, r, dy, dsT, p, own, e, T, E, sxt, sxe, sse, ssk, swe,
         g = tl.load(dy + q[:, None].to(tl.int64) * sdt + e[None, :] * sde,
                     mask=((q >= 0) & (q < T))[:, None] & em[None, :], other=0.0).to(tl.float32)  # fmt: skip
         if SILU:
-            a = _preact(x, w, bias, s0, r, q, e, T, E, sxt, sxe, sse, ssk, swe, swk,
-                        N, BE, K, HAS_BIAS, HAS_STATE, HAS_RESET)  # fmt: skip
-            sg = tl.sigmoid(a)
-            g = g * sg * (1.0 + a * (1.0 - sg))
+            c = _pick(c0, c1, c2, c3, c4, c5, s)
+            sg = tl.sigmoid(c)
+            g = g * sg * (1.0 + c * (1.0 - sg))
         if HAS_RESET:
             g = tl.where(seen[:, None], g, 0.0)
             seen = seen & _no_reset(r, q + 1, T)
         tap = tl.load(w + e * swe + (K - 1 - s) * swk, mask=em, other=0.0).to(tl.float32)
         dxp += tap[None, :] * g
         term = xp * g
+        a0, a1, a2, a3, a4, a5 = _add_to(a0, a1, a2, a3, a4, a5, s, term)
         if s == 0:
-            a0 += term
             ab += tl.where(own[:, None], g, 0.0)
-        if s == 1:
-            a1 += term
-        if s == 2:
-            a2 += term
-        if s == 3:
-            a3 += term
-        if s == 4:
-            a4 += term
-        if s == 5:
-            a5 += term
     if HAS_DST:
         idx = p - (T - (K - 1))
         hit = (idx >= 0) & (idx < K - 1)
