@@ -121,3 +121,14 @@ def test_without_cuda_it_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -
     with pytest.raises(SystemExit) as exit_info:
         bench.main(["--quick"])
     assert "needs a CUDA GPU" in str(exit_info.value.code)
+
+
+def test_doc_mask_benchmark_runs_tiny_on_cpu(capsys) -> None:
+    """``python -m benchmarks.doc_mask --device cpu --tiny``: a row per shape and variant, documents in every row."""
+    from benchmarks import doc_mask
+
+    reset = doc_mask.document_starts(64, 2048, "cpu")
+    assert 3 < reset.sum(1).float().mean() < 5  # mean document length T / 4
+    assert doc_mask.main(["--device", "cpu", "--tiny", "--reps", "1"]) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split(" | ")[2] for r in rows] == [*doc_mask.VARIANTS] * len(doc_mask.TINY["shapes"])

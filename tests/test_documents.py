@@ -143,3 +143,80 @@ def test_fast_backends_keep_documents_apart_on_gpu(mixer: str) -> None:
     assert (packed - want).pow(2).mean().sqrt() / want.pow(2).mean().sqrt() < 5e-2
     last = int(reset[0].nonzero().max())
     torch.testing.assert_close(packed[0, last:], alone[0, last - 100 :], rtol=5e-2, atol=5e-2)
+
+
+def several_documents(bsz: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Resets every ~40 tokens, at different places in each row; row 0 starts mid-document."""
+    reset = torch.rand(bsz, seqlen, generator=torch.Generator().manual_seed(seed)) < 1 / 40
+    reset[1:, 0] = True
+    return reset
+
+
+def dense_document_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, reset: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=same_document_causal(reset))
+
+
+def test_flex_block_mask_matches_the_dense_mask_on_cpu() -> None:
+    """flex_attention's block mask over document ids is the dense block-causal mask, also traced inside a
+    compiled block (fullgraph, as the trainer compiles blocks). CPU: forward only, float32 (no backward there)."""
+    from longhorn_zoo.plugins.llama.attention import flex_document_attention
+
+    bsz, heads, seqlen, d = 2, 2, 200, 16  # two 128-blocks, the second partial
+    reset = several_documents(bsz, seqlen, seed=7)
+    assert reset.sum(1).min() >= 3
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(bsz, heads, seqlen, d, generator=gen) for _ in range(3))
+    block = torch.compile(lambda q, k, v, reset: flex_document_attention(q.flip(2), k, v, reset), fullgraph=True)
+    with torch.no_grad():
+        want = dense_document_attention(q, k, v, reset)
+        torch.testing.assert_close(flex_document_attention(q, k, v, reset), want, rtol=1e-5, atol=1e-5)
+        flipped = dense_document_attention(q.flip(2), k, v, reset)  # an op of the block's graph before flex
+        torch.testing.assert_close(block(q, k, v, reset), flipped, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA: flex_attention's backward runs only there")
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled_block"])
+def test_llama_flex_path_matches_the_dense_mask_on_gpu(compiled: bool, monkeypatch) -> None:
+    """On CUDA, Llama attention with resets takes flex_attention; output and gradients match the dense
+    mask path (model.op_backend = reference) in float32, with several documents per row, T = 333."""
+    from longhorn_zoo.hookspecs import MixerArgs
+    from longhorn_zoo.ops import get_backend_preference, set_backend_preference
+    from longhorn_zoo.plugins.llama import attention
+    from longhorn_zoo.plugins.llama.attention import Attention
+
+    calls = []
+    flex = attention.flex_document_attention
+
+    def counted(*args):
+        calls.append(1)
+        return flex(*args)
+
+    monkeypatch.setattr(attention, "flex_document_attention", counted)
+
+    torch.manual_seed(0)
+    attn = Attention(MixerArgs(128, 0, 2, 512, {"n_heads": 4, "rope_theta": 10000.0})).cuda()
+    attn.init_weights()
+    run = torch.compile(attn, fullgraph=True) if compiled else attn
+    reset = several_documents(3, 333, seed=9).cuda()
+    x = torch.randn(3, 333, 128, device="cuda")
+
+    def grads(backend: str) -> list[torch.Tensor]:
+        before = get_backend_preference()
+        set_backend_preference(backend)
+        try:
+            xg = x.clone().requires_grad_()
+            out = run(xg, reset=reset)
+            out.pow(2).sum().backward()
+            got = [out.detach(), xg.grad, *(p.grad.clone() for p in attn.parameters())]
+            attn.zero_grad()
+            return got
+        finally:
+            set_backend_preference(before)
+
+    fast = grads("auto")
+    assert calls, "the flex path did not run"
+    for got, want in zip(fast, grads("reference"), strict=True):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    _, (_, _, visible) = attn(x, return_state=True, reset=reset)
+    ids = document_ids(reset)
+    assert torch.equal(visible, ids == ids[:, -1:])

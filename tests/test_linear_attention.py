@@ -186,7 +186,7 @@ def test_mixer_forward_split_with_state_equals_one_pass(name, extra):
 @pytest.mark.parametrize(("name", "extra"), [("rwkv", []), ("rwkv", ["--model.mixer.decay", "static"]), ("gla", [])])
 def test_mixer_log_decay_is_bounded_for_the_chunked_kernels(name, extra):
     """An unbounded decay (RWKV's -exp(d) with a large d, GLA's logsigmoid of a very negative logit) is
-    clamped at MIN_LOG_DECAY in the model, where the chunked kernels' factored weights stay finite."""
+    clamped at MIN_LOG_DECAY in the model, so that every backend computes the same bounded function."""
     from longhorn_zoo.plugins.linear_attention.layer import MIN_LOG_DECAY
 
     model = _tiny_model(name, extra)

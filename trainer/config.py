@@ -110,7 +110,11 @@ class Model:
                                    "counted from each document start) to the token embedding, as the seed's "
                                    "RWKV does.")
     tie_embeddings: bool = opt(False, "Share the token embedding and LM head weights.")
-    op_backend: str = opt("auto", "Scan-op backend: auto (fastest available), reference, cuda or triton.")
+    op_backend: str = opt(
+        "auto",
+        "Scan-op backend: auto (fastest available), reference, cuda or triton. "
+        "reference also gives Llama's dense document mask instead of flex_attention.",
+    )
     mixer: dict = opt({}, "Mixer-specific options; valid keys come from the plugin's [mixer] defaults.")
     pattern: list = opt([], "A hybrid stack instead of one mixer: the mixer names of consecutive blocks, repeated "
                         "over n_layers (a multiple of its length), e.g. [\"longhorn\", \"longhorn\", \"longhorn\", "

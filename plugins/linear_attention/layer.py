@@ -188,12 +188,15 @@ def flops_per_token(build: Callable[[MixerArgs], nn.Module]) -> Callable[[MixerA
     return count
 
 
-# The chunked Triton kernels factor each chunk's pair weights around its middle step, which stays
-# finite while a key's log decay summed over half a chunk is above about -80: -5 per step at the
-# default chunk of 32 (a decay factor of e^-5 = 0.0067). Mixers whose decay is unbounded clamp it
-# here, in the model, so that every backend computes the same function.
+# Mixers whose decay is unbounded (RWKV's -exp(d), GLA's logsigmoid) clamp it here, in the model, at a
+# decay factor of e^-5 = 0.0067 a step, so that every backend computes the same function and the
+# models trained with the clamp keep it. No backend needs the clamp to be exact: the reference and the
+# Triton kernels are exact at any log decay <= 0 (see triton_chunk.py). The Triton kernels factor a
+# chunk's pair weights around its middle step while half a chunk's log decay stays above -60
+# (triton_chunk_ops.EXP_LIMIT) and redo a chunk past that with each weight formed on its own, exact
+# but slower; at the clamp, half a chunk of 32 sums to -80, so chunks that sit at it take that path.
 MIN_LOG_DECAY = -5.0
-# A decay per head runs in chunks of 64, so its bound per step is half as large.
+# A decay per head runs in chunks of 64: half the floor per step, the same -80 over half a chunk.
 MIN_LOG_DECAY_PER_HEAD = -2.5
 
 

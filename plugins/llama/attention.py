@@ -8,8 +8,20 @@ The recurrent state is a KV cache ``(k, v, visible)``: k and v (B, H, T_cached, 
 and ``visible`` (B, T_cached) bool, the cached keys of each row's last document, or
 None when every cached key is (no document starts so far). With document starts
 (``reset``) the mask is block-causal: a query sees the keys of its own document only,
-and the cache only from the tokens before a row's first start. Without them,
-attention takes the plain causal path (``is_causal=True``).
+and the cache only from the tokens before a row's first start.
+
+Which kernel runs:
+
+* no ``reset`` and no cache: SDPA with ``is_causal=True`` (flash attention on a GPU);
+* ``reset`` without a cache, on CUDA: ``flex_attention`` with a :class:`BlockMask` from
+  ``create_block_mask`` over the document ids (:func:`flex_document_attention`): 128 x 128
+  blocks without a causal pair of one document are skipped, blocks inside one document run
+  unmasked, and no (T, T) mask is stored. Both functions are compiled once here, as the
+  PyTorch docs recommend; inside the trainer's per-block ``torch.compile(fullgraph=True)``
+  they are traced into the block's graph. The block mask is built in every layer;
+* otherwise (CPU, a KV cache, or ``model.op_backend = "reference"``): SDPA with the dense
+  (B, 1, T, T_cached + T) bool mask of :func:`_document_mask`, which rules out flash attention
+  and costs O(T^2) memory. CPU keeps it because flex_attention has no backward pass there.
 """
 
 from __future__ import annotations
@@ -20,9 +32,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention.flex_attention import BlockMask, create_block_mask, flex_attention
 
 from longhorn_zoo.documents import document_ids, same_document_causal
 from longhorn_zoo.hookspecs import MixerArgs
+from longhorn_zoo.ops import REFERENCE, get_backend_preference
 
 KVCache = tuple[Tensor, Tensor, Tensor | None]
 
@@ -45,6 +59,30 @@ def rotate(x: Tensor, table: Tensor) -> Tensor:
 def apply_rope(x: Tensor, pos: Tensor, theta: float) -> Tensor:
     """Rotate channel pairs (i, i + d/2) of x (B, H, T, d) by angle pos * theta^(-2i/d)."""
     return rotate(x, rope_table(pos, x.shape[-1], theta))
+
+
+# Uncompiled, flex_attention materialises the scores and create_block_mask the (B, 1, T, T) mask.
+_flex_attention = torch.compile(flex_attention)
+_create_block_mask = torch.compile(create_block_mask)
+
+
+def document_block_mask(reset: Tensor) -> BlockMask:
+    """The block-causal :class:`BlockMask` of ``reset`` (B, T): query t sees key s <= t of its own document."""
+    ids = document_ids(reset)
+
+    def same_document_causal_mod(b: Tensor, h: Tensor, q: Tensor, kv: Tensor) -> Tensor:
+        return (q >= kv) & (ids[b, q] == ids[b, kv])
+
+    bsz, seqlen = reset.shape
+    return _create_block_mask(same_document_causal_mod, bsz, None, seqlen, seqlen, device=reset.device)
+
+
+def flex_document_attention(q: Tensor, k: Tensor, v: Tensor, reset: Tensor) -> Tensor:
+    """Block-causal attention of q, k, v (B, H, T, d) over the documents of ``reset`` (B, T), with flex_attention.
+
+    The same function as SDPA with ``attn_mask=same_document_causal(reset)``, without the (T, T) mask.
+    """
+    return _flex_attention(q, k, v, block_mask=document_block_mask(reset))
 
 
 def _document_mask(reset: Tensor | None, visible: Tensor | None, bsz: int, seqlen: int,
@@ -95,7 +133,11 @@ class Attention(nn.Module):
         if state is not None:
             k = torch.cat([state[0].to(k.dtype), k], dim=2)
             v = torch.cat([state[1].to(v.dtype), v], dim=2)
-        if reset is None and visible is None:
+        if reset is not None and state is None and q.is_cuda and get_backend_preference() != REFERENCE:
+            out = flex_document_attention(q, k, v, reset)
+            ids = document_ids(reset)
+            visible = ids == ids[:, -1:]
+        elif reset is None and visible is None:
             if state is None:
                 out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
             else:
