@@ -176,6 +176,22 @@ def test_a_stack_evaluates_at_every_length(trained, tmp_path, capsys):
     assert "longhorn+llama" in capsys.readouterr().out
 
 
+def test_a_trained_stack_exports_as_a_model_folder_with_its_logits(trained, tmp_path):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    from longhorn_zoo import export
+    from longhorn_zoo.model_folder import load_folder
+
+    assert export.main(["--checkpoint", str(trained[0]), "--out", str(tmp_path)]) == 0  # longhorn-zoo hf-export
+    folder_model, config = load_folder(tmp_path)
+    model, cfg = load_trained(trained[0])
+    assert (config["mixer"], config["pattern"], config["mixers"]) == ("longhorn+llama", cfg.model.pattern,
+                                                                      cfg.model.mixers)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(folder_model(tokens), model(tokens))
+
+
 @pytest.mark.parametrize("wrapper", [pytest.param(["--compile.enable", "true", "--compile.backend", "aot_eager"],
                                                   id="compile", marks=pytest.mark.slow),
                                      pytest.param(["--activation_checkpoint.mode", "full"], id="ac")])
