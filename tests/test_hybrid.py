@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -15,7 +16,7 @@ import torch
 
 from longhorn_zoo import eval as evaluation
 from longhorn_zoo import generate as generation
-from longhorn_zoo.config import ConfigError, load_config, to_toml
+from longhorn_zoo.config import BLOCK_KEYS, ConfigError, Model, load_config, to_toml
 from longhorn_zoo.conformance import Conformance, ConformanceError, MixerConformance
 from longhorn_zoo.inference import load_trained
 from longhorn_zoo.model import build_model, flops_per_token
@@ -75,6 +76,10 @@ def test_one_mixer_configs_write_no_stack_keys(tmp_path):
          r"'n_heads'"),
         ("[model.mixers.llama]\nmlp = 'yes'\n", STACK, r"model.mixers.llama.mlp = 'yes' has type str, expected bool"),
         ("[model.mixers]\nllama = 3\n", STACK, r"model.mixers must hold one table per mixer"),
+        ("[model.mixers.longhorn]\nmlp_multiple_of = 0\n", STACK,
+         r"model.mixers.longhorn.mlp_multiple_of = 0 is out of range: it must be >= 1"),
+        ("[model.mixers.llama]\nmlp_activation = 'relu'\n", STACK,
+         r"model.mixers.llama.mlp_activation = 'relu' is not valid; choose one of silu, gelu"),
         ("", [*STACK, "--model.mixers.llama.n_heads", "two"], r"--model.mixers.llama.n_heads: 'two' is not a number"),
         ("[model.mixers.llama]\nn_heads = 2\n", ["--model.name", "llama"],
          r"\[model.mixers.llama\] is for hybrid stacks.*go in \[model.mixer\]"),
@@ -83,6 +88,25 @@ def test_one_mixer_configs_write_no_stack_keys(tmp_path):
 def test_bad_stacks_are_config_errors_naming_the_key(tmp_path, text, overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(write(tmp_path, text), overrides)
+
+
+BAD_BLOCK_VALUES = {"mlp_activation": "relu", "mlp_ratio": "-1", "mlp_multiple_of": "0", "mlp_hidden": "-1"}
+
+
+def test_every_checked_block_key_has_a_bad_value_below():
+    checked = {f.name for f in dataclasses.fields(Model)
+               if f.name in BLOCK_KEYS and (f.metadata["choices"] or f.metadata["valid"])}
+    assert checked == set(BAD_BLOCK_VALUES)
+
+
+@pytest.mark.parametrize(("key", "bad"), BAD_BLOCK_VALUES.items())
+def test_a_stacks_block_keys_are_checked_as_the_model_keys_of_one_mixer_are(key, bad):
+    with pytest.raises(ConfigError) as one:
+        load_config(None, ["--model.name", "llama", f"--model.{key}", bad])
+    with pytest.raises(ConfigError) as stack:
+        load_config(None, [*STACK, f"--model.mixers.llama.{key}", bad])
+    assert str(stack.value).startswith(f"model.mixers.llama.{key} = ")
+    assert str(stack.value).split(f"model.mixers.llama.{key}", 1)[1] == str(one.value).split(f"model.{key}", 1)[1]
 
 
 def test_a_stack_builds_each_kind_with_its_options_and_mlp_and_sums_their_flops():
@@ -150,6 +174,22 @@ def test_a_stack_evaluates_at_every_length(trained, tmp_path, capsys):
     assert [e["length"] for e in result["extrapolation"]] == [16, 32, 64, 128, 256]
     assert all(math.isfinite(e["loss"]) for e in result["extrapolation"])
     assert "longhorn+llama" in capsys.readouterr().out
+
+
+def test_a_trained_stack_exports_as_a_model_folder_with_its_logits(trained, tmp_path):
+    pytest.importorskip("safetensors")
+    pytest.importorskip("tokenizers")
+    from longhorn_zoo import export
+    from longhorn_zoo.model_folder import load_folder
+
+    assert export.main(["--checkpoint", str(trained[0]), "--out", str(tmp_path)]) == 0  # longhorn-zoo hf-export
+    folder_model, config = load_folder(tmp_path)
+    model, cfg = load_trained(trained[0])
+    assert (config["mixer"], config["pattern"], config["mixers"]) == ("longhorn+llama", cfg.model.pattern,
+                                                                      cfg.model.mixers)
+    tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(folder_model(tokens), model(tokens))
 
 
 @pytest.mark.parametrize("wrapper", [pytest.param(["--compile.enable", "true", "--compile.backend", "aot_eager"],

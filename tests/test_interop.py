@@ -32,17 +32,24 @@ from longhorn_zoo.registry import get_registry  # noqa: E402
 BUILT_IN = ["llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5"]
 THIRD_PARTY = pytest.param("deltanet", marks=pytest.mark.skipif(
     "deltanet" not in get_registry().mixers, reason="pip install examples/third_party_mixer"))
-MIXERS = [*BUILT_IN, THIRD_PARTY]
+STACK = "longhorn+llama"
+MIXERS = [*BUILT_IN, THIRD_PARTY, STACK]
 SEQ = 32
+STACK_ARGS = ["--model.pattern", '["longhorn", "llama"]', "--model.n_layers", "4",
+              "--model.mixers.longhorn.d_state", "8", "--model.mixers.llama.n_heads", "2",
+              "--model.mixers.llama.mlp_ratio", "2.0", "--model.mixers.longhorn.mlp", "true",
+              "--model.mixers.longhorn.mlp_activation", "gelu"]
+"""A four-block stack, longhorn then llama twice, whose tables all differ from their plugins' defaults."""
 
 
 def tiny(mixer: str, *overrides: str, seed: int = 0) -> tuple[LM, object]:
-    """A tiny byte-level model of ``mixer``, built as the trainer builds it, with its weights spread out.
+    """A tiny byte-level model of ``mixer`` (or of :data:`STACK`), built as the trainer builds it, with its
+    weights spread out.
 
     The noise added to the initial weights makes greedy decoding vary from token to token.
     """
-    cfg = load_config(None, ["--model.name", mixer, "--model.dim", "64", "--model.n_layers", "2",
-                             "--training.seq_len", str(SEQ), *overrides])
+    kind = STACK_ARGS if mixer == STACK else ["--model.name", mixer, "--model.n_layers", "2"]
+    cfg = load_config(None, [*kind, "--model.dim", "64", "--training.seq_len", str(SEQ), *overrides])
     torch.manual_seed(seed)
     model = build_model(cfg.model, SEQ, "meta")
     model.to_empty(device="cpu")
@@ -71,8 +78,24 @@ def test_exported_folder_gives_the_training_logits_in_our_lm_and_in_transformers
         theirs = hf_model(tmp_path)
         assert isinstance(theirs, LonghornZooForCausalLM) and theirs.dtype == torch.float32
         torch.testing.assert_close(theirs(tokens).logits, expected, rtol=0, atol=1e-6)
-    assert config["mixer"] == mixer and config["mixer_options"] == cfg.model.mixer
+    assert config["mixer"] == mixer and config.get("mixer_options") == (cfg.model.mixer or None)
+    assert (config.get("pattern"), config.get("mixers")) == (cfg.model.pattern or None, cfg.model.mixers or None)
     assert config["tokenizer"] == "bytes" and config["eos_token_id"] == 0
+
+
+def test_a_stacks_folder_builds_its_blocks_with_each_mixers_options_and_mlp(tmp_path):
+    model, cfg = tiny(STACK)
+    save_folder(model, cfg, tmp_path, ByteTokenizer())
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["pattern"] == ["longhorn", "llama"] and config["mixers"] == cfg.model.mixers
+    assert set(config["plugins"]) == {"longhorn", "llama"} and "plugin" not in config
+    assert not {"mixer_options", "mlp", "mlp_ratio", "mlp_activation"} & config.keys()
+    theirs = hf_model(tmp_path)
+    assert [type(b.mixer).__name__ for b in theirs.model.layers.values()] == ["Longhorn", "Attention"] * 2
+    assert theirs.model.kinds == model.kinds  # the same mixers, options and MLP in every block
+    layers = theirs.model.layers
+    assert layers["1"].mixer.n_heads == 2 and layers["0"].mixer.d_state == 8
+    assert (layers["0"].mlp.w1.out_features, layers["1"].mlp.w1.out_features) == (192, 128)
 
 
 def test_tied_embeddings_are_stored_once_and_tied_again_on_load(tmp_path):
@@ -157,8 +180,9 @@ def test_left_padding_and_beam_search_are_refused(tmp_path):
         theirs.generate(tokens, max_new_tokens=2, num_beams=2)
 
 
-def test_the_folder_loads_with_trust_remote_code_alone(tmp_path):
-    model, cfg = tiny("gla")
+@pytest.mark.parametrize("mixer", ["gla", STACK])
+def test_the_folder_loads_with_trust_remote_code_alone(tmp_path, mixer):
+    model, cfg = tiny(mixer)
     save_folder(model, cfg, tmp_path / "model", ByteTokenizer())
     tokens = torch.randint(0, 256, (1, 8))
     torch.save({"tokens": tokens, "logits": model(tokens).detach()}, tmp_path / "expected.pt")
@@ -174,13 +198,29 @@ def test_the_folder_loads_with_trust_remote_code_alone(tmp_path):
     assert name == "LonghornZooForCausalLM" and float(diff) <= 1e-6
 
 
-def test_a_missing_plugin_is_named_with_its_distribution(tmp_path):
-    model, cfg = tiny("mamba")
+@pytest.mark.parametrize("mixer", ["mamba", STACK])
+def test_a_missing_plugin_is_named_with_its_distribution(tmp_path, mixer):
+    model, cfg = tiny(mixer)
     save_folder(model, cfg, tmp_path, ByteTokenizer())
     config = json.loads((tmp_path / "config.json").read_text())
-    config["mixer"], config["plugin"] = "hyena", {"distribution": "lz-hyena", "version": "0.3"}
+    plugin = {"distribution": "lz-hyena", "version": "0.3"}
+    if cfg.model.pattern:  # the stack's llama becomes hyena
+        config["pattern"] = ["longhorn", "hyena"]
+        config["mixers"]["hyena"], config["plugins"]["hyena"] = config["mixers"].pop("llama"), plugin
+    else:
+        config["mixer"], config["plugin"] = "hyena", plugin
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(FolderError, match=r"(?s)unknown mixer .hyena.*pip install lz-hyena==0.3"):
+        load_folder(tmp_path)
+
+
+def test_a_stack_table_without_its_mlp_keys_is_an_error_naming_them(tmp_path):
+    model, cfg = tiny(STACK)
+    save_folder(model, cfg, tmp_path, ByteTokenizer())
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["mixers"]["llama"]["mlp"], config["mixers"]["llama"]["mlp_hidden"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(FolderError, match=r"mixers.llama \(the table of mixer 'llama'.*lacks mlp, mlp_hidden"):
         load_folder(tmp_path)
 
 

@@ -472,19 +472,33 @@ def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, An
     return table, mixer_defaults
 
 
-def _merge_options(where: str, mixer: str, given: dict[str, Any], declared: dict[str, Any]) -> dict[str, Any]:
+Check = tuple[type, tuple[str, ...] | None, Range | None]
+"""What :func:`_coerce` checks a value against: its type, its choices and its range."""
+
+
+def _block_key_checks() -> dict[str, Check]:
+    """The type, choices and range of each :data:`BLOCK_KEYS` key, from its [model] field."""
+    hints = get_type_hints(Model)
+    return {f.name: (hints[f.name], f.metadata["choices"], f.metadata["valid"])
+            for f in dataclasses.fields(Model) if f.name in BLOCK_KEYS}
+
+
+def _merge_options(where: str, mixer: str, given: dict[str, Any], declared: dict[str, Any],
+                   checks: dict[str, Check] | None = None) -> dict[str, Any]:
     """The ``declared`` options (key -> default, whose type is the option's) updated with the user's
-    ``given`` ones, each type-checked; ``where`` is the table's key, e.g. ``model.mixer``."""
+    ``given`` ones, each type-checked; ``where`` is the table's key, e.g. ``model.mixer``. A key of
+    ``checks`` (a stack's block keys, :func:`_block_key_checks`) is checked against its type, choices and range."""
+    checks = checks or {}
     resolved = dict(declared)
     for key, value in given.items():
         if key not in declared:
             valid = ", ".join(declared) or "(none)"
             raise ConfigError(f"unknown key {where}.{key} for mixer {mixer!r}; valid keys: {valid}."
                               + _suggest(key, list(declared)))
-        default = declared[key]
+        typ, choices, valid = checks.get(key, (type(declared[key]), None, None))
         if isinstance(value, _CliText):
-            value = _parse_cli_value(f"--{where}.{key}", str(value), type(default))
-        resolved[key] = _coerce(f"{where}.{key}", value, type(default), None)
+            value = _parse_cli_value(f"--{where}.{key}", str(value), typ)
+        resolved[key] = _coerce(f"{where}.{key}", value, typ, choices, valid)
     return resolved
 
 
@@ -520,7 +534,7 @@ def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -
             raise ConfigError(f"model.{key} is for one mixer, and this config stacks model.pattern = {pattern}; "
                               f"{fix} (or remove model.pattern)")
     block = {f.name: f.default for f in dataclasses.fields(Model) if f.name in BLOCK_KEYS}
-    hints = get_type_hints(Model)
+    checks = _block_key_checks()
     declared, shared = {}, {}
     for name in dict.fromkeys(pattern):
         model_defaults, mixer_defaults = _plugin_defaults(name, "model.pattern")
@@ -528,7 +542,7 @@ def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -
         if clash := [k for k in BLOCK_KEYS if k in mixer_defaults]:
             raise ConfigError(f"{origin}: mixer option {clash[0]!r} has the name of a block key, so a stack "
                               f"cannot tell them apart in [model.mixers.{name}]; rename the option")
-        own = {k: _coerce(f"{origin}: {k}", model_defaults.pop(k, v), hints[k], None) for k, v in block.items()}
+        own = {k: _coerce(f"{origin}: {k}", model_defaults.pop(k, v), *checks[k]) for k, v in block.items()}
         declared[name] = {**own, **mixer_defaults}
         for key, value in model_defaults.items():
             other, before = shared.setdefault(key, (name, value))
@@ -551,7 +565,8 @@ def _resolve_stack(cfg: JobConfig, declared: dict[str, dict[str, Any]]) -> None:
         if name not in declared:
             raise ConfigError(f"[model.mixers.{name}]: {name!r} is not in model.pattern = {m.pattern}; its tables "
                               f"are {', '.join(declared)}." + _suggest(name, list(declared)))
-    m.mixers = {name: _merge_options(f"model.mixers.{name}", name, m.mixers.get(name, {}), options)
+    checks = _block_key_checks()
+    m.mixers = {name: _merge_options(f"model.mixers.{name}", name, m.mixers.get(name, {}), options, checks)
                 for name, options in declared.items()}
     m.name = "+".join(declared)
 

@@ -2,8 +2,9 @@
 
 The layout is a Hugging Face model folder (``python -m longhorn_zoo.export`` writes it)::
 
-    config.json                    model_type "longhorn_zoo": the mixer and its options, the sizes,
-                                   the vocabulary, the tokenizer and the plugin that provides the mixer
+    config.json                    model_type "longhorn_zoo": the mixer and its options (a hybrid stack:
+                                   its pattern and every mixer's table), the sizes, the vocabulary, the
+                                   tokenizer and the plugin that provides each mixer
     model.safetensors              the weights; past max_shard_size bytes they are split into
                                    model-00001-of-0000N.safetensors ... and model.safetensors.index.json
     tokenizer.json                 the tokenizer the model trained with (none for MQAR models),
@@ -29,10 +30,11 @@ import torch
 from torch import Tensor
 
 from longhorn_zoo.checkpoint import EXPORT_DTYPES
-from longhorn_zoo.config import JobConfig
+from longhorn_zoo.config import BLOCK_KEYS, JobConfig
 from longhorn_zoo.config import Model as ModelConfig
 from longhorn_zoo.data.tokenizer import Tokenizer
-from longhorn_zoo.model import LM, ModelArgs
+from longhorn_zoo.hookspecs import MixerSpec
+from longhorn_zoo.model import LM, ModelArgs, block_kinds
 
 MODEL_TYPE = "longhorn_zoo"
 CONFIG, WEIGHTS, INDEX = "config.json", "model.safetensors", "model.safetensors.index.json"
@@ -51,7 +53,8 @@ class FolderError(ValueError):
 
 
 SHAPE_KEYS = ("norm", "mlp_activation", "mlp_multiple_of", "mlp_hidden", "mlp_depth_scaled_init", "position_embedding")
-"""The other [model] keys that shape the network, written to ``config.json`` as they are."""
+"""The other [model] keys that shape the network, written to ``config.json`` as they are (a stack's
+MLP keys, :data:`~longhorn_zoo.config.BLOCK_KEYS`, are in its ``mixers`` tables instead)."""
 
 
 def parse_size(text: str) -> int:
@@ -63,42 +66,84 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2).upper() or " "))
 
 
-def folder_config(cfg: JobConfig, tokenizer: Tokenizer | None, dtype: str) -> dict[str, Any]:
-    """The ``config.json`` of a model trained with ``cfg``; ``tokenizer`` is the one it trained with."""
-    from importlib.metadata import PackageNotFoundError, version
-
+def _plugin(name: str) -> dict[str, str]:
+    """The distribution, version and entry point that provide the mixer ``name``."""
     from longhorn_zoo.registry import get_registry
 
+    source = get_registry().get(name).source
+    return {"distribution": source.dist, "version": source.version, "entry_point": source.entry_point}
+
+
+def folder_config(cfg: JobConfig, tokenizer: Tokenizer | None, dtype: str) -> dict[str, Any]:
+    """The ``config.json`` of a model trained with ``cfg``; ``tokenizer`` is the one it trained with.
+
+    One mixer: ``mixer``, ``mixer_options``, the MLP keys and ``plugin``. A hybrid stack: ``mixer``
+    (the names joined by ``+``, informative), ``pattern``, ``mixers`` (each mixer's resolved
+    ``[model.mixers.<name>]`` table: its options and its blocks' MLP keys) and ``plugins`` (by mixer).
+    """
+    from importlib.metadata import PackageNotFoundError, version
+
     m = cfg.model
-    source = get_registry().get(m.name).source
     try:
         zoo_version = version("longhorn-zoo")
     except PackageNotFoundError:
         zoo_version = "unknown"
+    if m.pattern:
+        mixers = {"pattern": list(m.pattern), "mixers": {name: dict(t) for name, t in m.mixers.items()}}
+        mlp, plugins = {}, {"plugins": {name: _plugin(name) for name in m.mixers}}
+    else:
+        mixers = {"mixer_options": dict(m.mixer)}
+        mlp, plugins = {"mlp": m.mlp, "mlp_ratio": m.mlp_ratio}, {"plugin": _plugin(m.name)}
     return {
         "model_type": MODEL_TYPE, "architectures": ["LonghornZooForCausalLM"], "auto_map": dict(AUTO_MAP),
-        "mixer": m.name, "mixer_options": dict(m.mixer), "dim": m.dim, "n_layers": m.n_layers,
-        "vocab_size": m.vocab_size, "max_seq_len": cfg.training.seq_len, "norm_eps": m.norm_eps, "mlp": m.mlp,
-        "mlp_ratio": m.mlp_ratio, "tie_word_embeddings": m.tie_embeddings,
-        **{k: getattr(m, k) for k in SHAPE_KEYS},
-        "plugin": {"distribution": source.dist, "version": source.version, "entry_point": source.entry_point},
+        "mixer": m.name, **mixers, "dim": m.dim, "n_layers": m.n_layers,
+        "vocab_size": m.vocab_size, "max_seq_len": cfg.training.seq_len, "norm_eps": m.norm_eps, **mlp,
+        "tie_word_embeddings": m.tie_embeddings,
+        **{k: getattr(m, k) for k in SHAPE_KEYS if not (m.pattern and k in BLOCK_KEYS)},
+        **plugins,
         "tokenizer": None if tokenizer is None else tokenizer.name,
         "eos_token_id": None if tokenizer is None else tokenizer.eos_id,
         "dtype": dtype, "longhorn_zoo_version": zoo_version,
     }
 
 
-def build_lm(config: Mapping[str, Any]) -> LM:
-    """Our LM for a ``config.json`` (a dict or a ``LonghornZooConfig``'s dict), on the default device, unset."""
+def _spec(name: str, plugin: Mapping[str, str] | None) -> MixerSpec:
+    """The installed spec of mixer ``name``; a FolderError naming ``plugin`` (its distribution) if none is."""
     from longhorn_zoo.registry import PluginError, get_registry
 
-    name = config["mixer"]
     try:
-        spec = get_registry().get(name).spec
+        return get_registry().get(name).spec
     except PluginError as e:
-        plugin = config.get("plugin") or {}
+        plugin = plugin or {}
         raise FolderError(f"{e}\nThe model needs the plugin that provides mixer {name!r}: pip install "
                           f"{plugin.get('distribution', '?')}=={plugin.get('version', '?')}") from None
+
+
+def _build_stack(config: Mapping[str, Any]) -> LM:
+    """Our LM for the ``config.json`` of a hybrid stack: block i of mixer ``pattern[i % len(pattern)]``."""
+    pattern, tables, plugins = list(config["pattern"]), config.get("mixers") or {}, config.get("plugins") or {}
+    for name in dict.fromkeys(pattern):
+        _spec(name, plugins.get(name))
+        if missing := [k for k in BLOCK_KEYS if k not in tables.get(name, {})]:
+            raise FolderError(f"config.json: mixers.{name} (the table of mixer {name!r} of pattern {pattern}) "
+                              f"lacks {', '.join(missing)}; export the model again with longhorn-zoo hf-export")
+    m = ModelConfig(name=config["mixer"], dim=config["dim"], n_layers=config["n_layers"],
+                    vocab_size=config["vocab_size"], norm_eps=config["norm_eps"],
+                    tie_embeddings=config["tie_word_embeddings"], pattern=pattern,
+                    mixers={name: dict(tables[name]) for name in dict.fromkeys(pattern)},
+                    **{k: config[k] for k in SHAPE_KEYS if k in config and k not in BLOCK_KEYS})
+    return LM(ModelArgs.from_config(m, config["max_seq_len"]), kinds=block_kinds(m))
+
+
+def build_lm(config: Mapping[str, Any]) -> LM:
+    """Our LM for a ``config.json`` (a dict or a ``LonghornZooConfig``'s dict), on the default device, unset.
+
+    A config with a ``pattern`` is a hybrid stack; without one, every block is ``mixer``.
+    """
+    if config.get("pattern"):
+        return _build_stack(config)
+    name = config["mixer"]
+    spec = _spec(name, config.get("plugin"))
     m = ModelConfig(name=name, dim=config["dim"], n_layers=config["n_layers"], vocab_size=config["vocab_size"],
                     norm_eps=config["norm_eps"], mlp=config["mlp"], mlp_ratio=config["mlp_ratio"],
                     tie_embeddings=config["tie_word_embeddings"], mixer=dict(config["mixer_options"]),

@@ -1,7 +1,8 @@
 """The ``transformers`` model of a longhorn-zoo LM: any installed mixer, with recurrent-state generation.
 
 ``LonghornZooForCausalLM`` holds our :class:`longhorn_zoo.model.LM` as ``self.model``, built
-from the config by the mixer's plugin, so a third-party mixer works as the built-in ones do.
+from the config by the mixer's plugin (a hybrid stack: by each of its mixers'), so a third-party mixer
+works as the built-in ones do.
 ``generate()`` decodes the way ``longhorn_zoo.generate`` does: the prompt goes through the
 parallel form, which returns every layer's state, and each new token through the mixers'
 ``step``. State-space and linear-attention mixers carry a state of constant size per
