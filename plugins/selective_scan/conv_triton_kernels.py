@@ -12,12 +12,13 @@ Positions -(K-1)..-1 read the initial state.
               dw[K-1-s] = sum_p x_p g_{p+s},  dbias = sum_q g_q.
 
 The backward recomputes a at the K shifts p..p+K-1 of its tile from the 2K-1 shifted loads of x
-(each once; the neighbouring tiles' loads, so served from L1), so it reads x and dy once from memory. Each program walks the tiles of a
-chunk of CT steps and keeps the weight and bias terms in one (BT, BE) fp32 accumulator per tap,
-elementwise: the sums over steps, which cross warps, run once per program at its end, into one
-(K+1, BE) tile of partial sums (rows 0..K-1 dw, row K dbias); a ``sum`` over the programs finishes
-the reduction (deterministic, no atomics). The taps are unrolled, with one accumulator each, up to
-MAX_K; :mod:`.conv_triton` sends larger kernels to the reference.
+(each loaded once; the shifts overlap the neighbouring tiles, so L1 serves them), so it reads x and
+dy once from memory. Each program walks the tiles of a chunk of CT steps and keeps the weight and
+bias terms in one (BT, BE) fp32 accumulator per tap, elementwise: the sums over steps, which cross
+warps, run once per program at its end, into one (K+1, BE) tile of partial sums (rows 0..K-1 dw, row
+K dbias); a ``sum`` over the programs finishes the reduction (deterministic, no atomics). The taps
+are unrolled, with one accumulator each, up to MAX_K; :mod:`.conv_triton` sends larger kernels to
+the reference.
 """
 
 from __future__ import annotations
