@@ -21,7 +21,7 @@ def write(tmp_path: Path, text: str) -> Path:
 def test_plugin_defaults_apply_under_user_values(tmp_path):
     cfg = load_config(write(tmp_path, '[model]\nname = "longhorn"\n[model.mixer]\nd_state = 8\n'))
     assert cfg.model.mlp is False  # from plugins/longhorn/defaults.toml
-    assert cfg.model.mixer == {"d_state": 8, "expand": 2, "conv_kernel": 4, "dt_rank": 0}
+    assert cfg.model.mixer == {"d_state": 8, "expand": 2, "conv_kernel": 4, "dt_rank": 0, "init": "mamba_ssm"}
     cfg = load_config(write(tmp_path, '[model]\nname = "longhorn"\nmlp = true\n'))
     assert cfg.model.mlp is True  # the user beats the plugin
 

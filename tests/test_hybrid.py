@@ -45,7 +45,7 @@ def test_each_mixer_of_a_stack_gets_its_plugin_defaults_under_the_users_values(t
     mlp = {"mlp_ratio": 8 / 3, "mlp_activation": "silu", "mlp_multiple_of": 64, "mlp_hidden": 0,
            "mlp_depth_scaled_init": True}  # the block keys' defaults
     assert m.mixers["longhorn"] == {"mlp": False, **mlp, "d_state": 8, "expand": 2, "conv_kernel": 4,
-                                    "dt_rank": 0}  # mlp = false from plugins/longhorn/defaults.toml
+                                    "dt_rank": 0, "init": "mamba_ssm"}  # mlp = false: plugins/longhorn/defaults.toml
     assert m.mixers["llama"] == {"mlp": False, **mlp, "n_heads": 2, "rope_theta": 10000.0}
     assert load_config(write(tmp_path, to_toml(cfg))) == cfg  # --print-config round-trips (config.toml, resume)
     assert "name =" not in to_toml(cfg).split("[model]")[1].split("[")[0]

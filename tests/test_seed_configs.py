@@ -121,6 +121,17 @@ def test_selective_blocks_use_mamba_ssm_init() -> None:
         assert float(mixer.out_proj.weight.abs().max()) <= bound
 
 
+
+def test_selective_blocks_normal_init_is_std_002() -> None:
+    """``model.mixer.init = "normal"`` (the MQAR configs' choice): std 0.02, out_proj 0.02 / sqrt(2 L)."""
+    for name in ("mamba", "longhorn"):
+        mixer = small(name, "--model.mixer.init", "normal").layers["0"].mixer
+        assert std(mixer.in_proj.weight) == pytest.approx(0.02, rel=0.02)
+        assert std(mixer.x_proj.weight) == pytest.approx(0.02, rel=0.05)
+        assert std(mixer.out_proj.weight) == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.02)
+    with pytest.raises(ValueError, match="model.mixer.init = 'xavier'; choose one of mamba_ssm, normal"):
+        small("longhorn", "--model.mixer.init", "xavier")
+
 def test_mamba_125m_decays_a_log_as_the_seed_does() -> None:
     def decayed(config: str) -> tuple[LM, set[int]]:
         cfg = load_config(CONFIGS / config, ["--model.n_layers", "1", "--model.vocab_size", "512"])

@@ -40,6 +40,10 @@ def flops_per_token(args: MixerArgs, seq_len: int) -> float:
     return 2.0 * weights + 6.0 * e * n
 
 
+INITS = ("mamba_ssm", "normal")
+"""``model.mixer.init``: how :meth:`SelectiveBlock.init_weights` draws in_proj, x_proj and out_proj."""
+
+
 class SelectiveBlock(nn.Module):
     """Base class; subclasses supply the scan (:meth:`scan`, :meth:`scan_step`) and dt bias init."""
 
@@ -51,7 +55,10 @@ class SelectiveBlock(nn.Module):
         self.d_inner = int(o["expand"]) * args.dim
         self.conv_kernel = int(o["conv_kernel"])
         self.dt_rank = int(o["dt_rank"]) or math.ceil(args.dim / 16)
-        self.out_scale = 1 / math.sqrt(args.n_layers)
+        self.init = o.get("init", "mamba_ssm")  # model folders written before the option: the default
+        if self.init not in INITS:
+            raise ValueError(f"model.mixer.init = {self.init!r}; choose one of {', '.join(INITS)}")
+        self.n_layers = args.n_layers
         self.in_proj = nn.Linear(args.dim, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.conv_kernel, groups=self.d_inner, bias=True)
         self.x_proj = nn.Linear(self.d_inner, self.dt_rank + 2 * self.d_state, bias=False)
@@ -101,15 +108,22 @@ class SelectiveBlock(nn.Module):
         return self.out_proj(y), (window[..., 1:], h)
 
     def init_weights(self) -> None:
-        # As mamba_ssm (and the seed's Longhorn) initialise: in_proj, x_proj and the conv keep PyTorch's
-        # default (uniform within 1/sqrt(fan_in)), out_proj that divided by sqrt(n_layers).
-        self.in_proj.reset_parameters()
-        self.conv1d.reset_parameters()
-        self.x_proj.reset_parameters()
+        # "mamba_ssm", as mamba_ssm (and the seed's Longhorn) initialise: in_proj and x_proj keep PyTorch's
+        # default (uniform within 1/sqrt(fan_in)), out_proj that divided by sqrt(n_layers). "normal": those
+        # three at std 0.02, out_proj 0.02 / sqrt(2 n_layers) (GPT-2's). The same draws in the same order.
+        normal = self.init == "normal"
+        for proj in (self.in_proj, self.conv1d, self.x_proj):  # in this order, so "mamba_ssm" draws as before
+            if normal and proj is not self.conv1d:
+                nn.init.trunc_normal_(proj.weight, std=0.02)
+            else:
+                proj.reset_parameters()
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         self.init_dt_bias()
         nn.init.ones_(self.D)
+        if normal:
+            nn.init.trunc_normal_(self.out_proj.weight, std=0.02 / math.sqrt(2 * self.n_layers))
+            return
         self.out_proj.reset_parameters()
         with torch.no_grad():
-            self.out_proj.weight.mul_(self.out_scale)
+            self.out_proj.weight.mul_(1 / math.sqrt(self.n_layers))
