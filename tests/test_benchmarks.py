@@ -132,3 +132,12 @@ def test_doc_mask_benchmark_runs_tiny_on_cpu(capsys) -> None:
     assert doc_mask.main(["--device", "cpu", "--tiny", "--reps", "1"]) == 0
     rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and line[2].isdigit()]
     assert [r.split(" | ")[2] for r in rows] == [*doc_mask.VARIANTS] * len(doc_mask.TINY["shapes"])
+
+
+def test_conv_overhead_without_cuda_exits_with_a_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    from benchmarks import conv_overhead
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        conv_overhead.main()
+    assert "needs a CUDA GPU" in str(exit_info.value.code)
