@@ -71,7 +71,12 @@ def test_eval_command_prints_extrapolation_table(runs, capsys, tmp_path):
     lengths = [int(line.split()[0]) for line in out.splitlines() if line.strip().endswith(tuple("0123456789"))
                and line.split()[0].isdigit()]
     assert lengths == [16, 32, 64, 128, 256]
-    assert list((tmp_path / "tb_eval").glob("*/events.out.tfevents.*"))
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    (events,) = (tmp_path / "tb_eval").glob("*/events.out.tfevents.*")
+    acc = EventAccumulator(str(events.parent))
+    acc.Reload()
+    assert {f"eval/ppl_at_{n}" for n in lengths} | {"eval/val_loss"} <= set(acc.Tags()["scalars"])
 
 
 def test_mqar_sweep_reports_accuracy_per_pairs_and_length(tmp_path):

@@ -138,9 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  length  factor    loss  perplexity")
         for (length, loss), factor in zip(rows, FACTORS):
             print(f"  {length:6d}  {factor:5d}x  {loss:6.4f}  {math.exp(loss):10.3f}")
+            writer.add_scalar(f"eval/ppl_at_{length}", math.exp(loss))
         if len(rows) < len(FACTORS):
             print(f"  (no longer lengths: the learned position embedding has {model.max_positions} positions)")
-            writer.add_scalar(f"eval/ppl_at_{length}", math.exp(loss))
         writer.add_scalar("eval/val_loss", val)
         png = plot(rows, out / "extrapolation.png", f"{name}: trained at {cfg.training.seq_len} tokens")
         print(f"plot: {png}" if png else "plot: skipped (pip install matplotlib)")
