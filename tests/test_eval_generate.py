@@ -92,5 +92,18 @@ def test_mqar_sweep_reports_accuracy_per_pairs_and_length(tmp_path):
     assert all(0.0 <= acc <= 1.0 for *_, acc in rows)
 
 
+def test_mqar_sweep_stops_at_a_learned_position_embedding():
+    cfg = load_config(None, ["--model.name", "rwkv5", "--model.dim", "32", "--model.n_layers", "1",
+                             "--model.mixer.head_size", "16", "--model.vocab_size", "64", "--data.dataset", "mqar",
+                             "--data.mqar_num_kv_pairs", "4", "--training.seq_len", "16",
+                             "--training.local_batch_size", "4"])
+    from longhorn_zoo.model import build_model
+
+    model = build_model(cfg.model, 16, "cpu")
+    model.init_weights()
+    assert model.max_positions == 16
+    assert [(p, t) for p, t, _ in evaluation.mqar_sweep(model, cfg, "cpu", batches=1)] == [(2, 8), (2, 16), (4, 16)]
+
+
 def test_missing_config_is_a_clear_error(tmp_path):
     assert evaluation.main(["--checkpoint", str(tmp_path)]) == 1

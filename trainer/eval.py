@@ -57,16 +57,20 @@ def extrapolation(model: LM, cfg: JobConfig, tokens: int, device: str) -> list[t
 
 @torch.no_grad()
 def mqar_sweep(model: LM, cfg: JobConfig, device: str, batches: int = 4) -> list[tuple[int, int, float]]:
-    """(pairs, seq_len, accuracy) over pair counts and lengths that the vocabulary allows."""
+    """(pairs, seq_len, accuracy) over pair counts and lengths that the vocabulary allows (and, with a learned
+    position embedding, that the model can read)."""
     gen = torch.Generator().manual_seed(cfg.training.seed + 12345)
     vocab = cfg.data.mqar_vocab_size
     base = cfg.data.mqar_num_kv_pairs
+    longest = model.max_positions
     rows = []
     for pairs in sorted({max(1, base // 2), base, 2 * base}):
         if pairs > vocab // 2 - 1:
             continue
         shortest = max(4 * pairs, cfg.training.seq_len)
         for seq_len in sorted({4 * pairs, shortest, 2 * shortest}):
+            if longest is not None and seq_len > longest:
+                continue
             correct = scored = 0
             for _ in range(batches):
                 b = make_batch(cfg.training.local_batch_size, seq_len, pairs, vocab, gen)
@@ -129,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
         for pairs, seq_len, acc in sweep:
             print(f"  {pairs:5d}  {seq_len:7d}  {acc:8.3f}")
             writer.add_scalar(f"eval/mqar_acc_kv{pairs}_len{seq_len}", acc)
+        if model.max_positions is not None:
+            print(f"  (no lengths past {model.max_positions}: the learned position embedding's positions)")
         result["mqar_num_kv_pairs"] = cfg.data.mqar_num_kv_pairs
         result["mqar"] = [{"pairs": p, "seq_len": t, "accuracy": a} for p, t, a in sweep]
     else:
