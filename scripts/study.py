@@ -1,11 +1,12 @@
-"""The reproduction study of issue 9: six mixers and a Longhorn-attention hybrid, one token budget, one table.
+"""The reproduction study of issue 9: six mixers, the seed's RWKV and a Longhorn-attention hybrid, one token budget,
+one table.
 
-Each mixer (the hybrid is the seventh entry, ``hybrid``: one attention block in eight, as
-``train_configs/hybrid_*.toml``) trains (1) a byte-level language model of about 20M non-embedding parameters on the
-embedded corpus, with the same context, batch and steps (so the same tokens) for all, and (2) an MQAR model from
-``train_configs/mqar_<mixer>.toml`` with the same steps for all. Then ``longhorn_zoo.eval`` measures validation
-loss and perplexity at 1x-16x the training context (LM) and recall accuracy over pairs and lengths (MQAR),
-and the report turns ``<out>/results.json`` into markdown.
+Each entry (``rwkv5`` is the seed's RWKV x051a beside RWKV-6's ``rwkv``; ``hybrid`` has one attention block in
+eight, as ``train_configs/hybrid_*.toml``) trains (1) a byte-level language model of about 20M non-embedding
+parameters on the embedded corpus, with the same context, batch and steps (so the same tokens) for all, and (2) an
+MQAR model from ``train_configs/mqar_<mixer>.toml`` with the same steps for all. Then ``longhorn_zoo.eval`` measures
+validation loss and perplexity at 1x-16x the training context (LM) and recall accuracy over pairs and lengths
+(MQAR), and the report turns ``<out>/results.json`` into markdown.
 
 Jobs are ``python -m longhorn_zoo.train`` / ``python -m longhorn_zoo.eval`` subprocesses run from the repository root,
 ``--jobs-per-gpu`` at a time on each GPU (``CUDA_VISIBLE_DEVICES``), each logging to ``<out>/logs/``.
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "scripts"))  # study_report sits beside this file, however it is loaded
 from study_report import render  # noqa: E402
 
-MIXERS = ("llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "hybrid")
+MIXERS = ("llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5", "hybrid")
 SELECTIVE_SCAN = ("longhorn", "mamba", "hybrid")  # no MLP, twice the blocks; need the CUDA extension on a GPU
 HYBRID_PERIOD = 8  # the hybrid's blocks: an attention block after every 7 Longhorn blocks (train_configs/hybrid_*.toml)
 BUILD = "build selective_scan"
@@ -215,7 +216,8 @@ def lm_shape(mixer: str, dim: int, layers: int) -> list[str]:
     (the seed's 12 at dim 768; for GLA that is the value head, and RetNet's FFN is as wide as its values).
 
     At dim 384 this gives 21.3-21.7M non-embedding parameters (RetNet 22.7M, Longhorn 22.9M, Mamba 23.2M, the
-    hybrid 21.9M). RWKV's channel mix is 2.5 dim wide to meet the budget (its default 3.5 gives 25.2M). The
+    hybrid 21.9M, rwkv5 21.6M with its learned position embedding). RWKV-6's channel mix is 2.5 dim wide to meet the
+    budget (its default 3.5 gives 25.2M); rwkv5 keeps the seed's 3 dim. The
     hybrid's attention blocks have no MLP, as its Longhorn blocks, and come one in ``HYBRID_PERIOD`` blocks (one
     in gcd(``HYBRID_PERIOD``, blocks) in a stack whose blocks are not a multiple of it, such as the tiny preset's 4).
     """
@@ -231,8 +233,10 @@ def lm_shape(mixer: str, dim: int, layers: int) -> list[str]:
         args += ["--model.mixer.n_heads", str(heads)]
     if mixer == "retnet":
         args += ["--model.mlp_hidden", str(int(1.8 * dim) // heads * heads)]
+    if mixer in ("rwkv", "rwkv5"):
+        args += ["--model.mixer.head_size", str(min(64, dim))]
     if mixer == "rwkv":
-        args += ["--model.mixer.head_size", str(min(64, dim)), "--model.mixer.ffn_ratio", "2.5"]
+        args += ["--model.mixer.ffn_ratio", "2.5"]
     return args
 
 
