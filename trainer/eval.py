@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {pairs:5d}  {seq_len:7d}  {acc:8.3f}")
             writer.add_scalar(f"eval/mqar_acc_kv{pairs}_len{seq_len}", acc)
         if model.max_positions is not None:
-            print(f"  (no lengths past {model.max_positions}: the learned position embedding's positions)")
+            print(f"  (lengths up to {model.max_positions} only: the learned position embedding's positions)")
         result["mqar_num_kv_pairs"] = cfg.data.mqar_num_kv_pairs
         result["mqar"] = [{"pairs": p, "seq_len": t, "accuracy": a} for p, t, a in sweep]
     else:

@@ -55,9 +55,9 @@ class SelectiveBlock(nn.Module):
         self.d_inner = int(o["expand"]) * args.dim
         self.conv_kernel = int(o["conv_kernel"])
         self.dt_rank = int(o["dt_rank"]) or math.ceil(args.dim / 16)
-        self.init = o.get("init", "mamba_ssm")  # model folders written before the option: the default
-        if self.init not in INITS:
-            raise ValueError(f"model.mixer.init = {self.init!r}; choose one of {', '.join(INITS)}")
+        self.init_scheme = o.get("init", "mamba_ssm")  # model folders written before the option: the default
+        if self.init_scheme not in INITS:
+            raise ValueError(f"model.mixer.init = {self.init_scheme!r}; choose one of {', '.join(INITS)}")
         self.n_layers = args.n_layers
         self.in_proj = nn.Linear(args.dim, 2 * self.d_inner, bias=False)
         self.conv1d = nn.Conv1d(self.d_inner, self.d_inner, self.conv_kernel, groups=self.d_inner, bias=True)
@@ -111,7 +111,7 @@ class SelectiveBlock(nn.Module):
         # "mamba_ssm", as mamba_ssm (and the seed's Longhorn) initialise: in_proj and x_proj keep PyTorch's
         # default (uniform within 1/sqrt(fan_in)), out_proj that divided by sqrt(n_layers). "normal": those
         # three at std 0.02, out_proj 0.02 / sqrt(2 n_layers) (GPT-2's). The same draws in the same order.
-        normal = self.init == "normal"
+        normal = self.init_scheme == "normal"
         for proj in (self.in_proj, self.conv1d, self.x_proj):  # in this order, so "mamba_ssm" draws as before
             if normal and proj is not self.conv1d:
                 nn.init.trunc_normal_(proj.weight, std=0.02)
