@@ -88,6 +88,70 @@ def test_every_numeric_option_has_a_range_that_holds_its_default():
                 assert value in f.metadata["valid"], f"{section.name}.{f.name} default {value} out of range"
 
 
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["--model.name", "llama", "--model.mixer.n_heads", "-2"],
+         r"model.mixer.n_heads = -2 is out of range: it must be >= 1"),
+        (["--model.name", "gla", "--model.mixer.head_norm", "layernorm"],
+         r"head_norm = 'layernorm' is not valid; choose one of .*Did you mean 'layernorm_noaffine'"),
+        (["--model.name", "rwkv", "--model.mixer.ffn_ratio", "0"], r"ffn_ratio = 0.0 is out of range: it must be > 0"),
+        (["--model.pattern", '["longhorn", "llama"]', "--model.n_layers", "2", "--model.mixers.llama.n_heads", "0"],
+         r"model.mixers.llama.n_heads = 0 is out of range: it must be >= 1"),
+        (["--model.pattern", '["longhorn", "llama"]', "--model.n_layers", "2", "--model.mixers.longhorn.init", "x"],
+         r"model.mixers.longhorn.init = 'x' is not valid; choose one of mamba_ssm, normal"),
+    ],
+)
+def test_plugin_options_are_checked_against_the_plugins_valid_table(overrides, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_every_builtin_plugin_declares_the_valid_values_of_its_numeric_and_string_options():
+    from longhorn_zoo.config import _plugin_defaults
+    from longhorn_zoo.registry import get_registry
+
+    registry = get_registry()
+    builtin = [name for name in registry.names() if registry.get(name).source.dist == "longhorn-zoo"]
+    assert {"llama", "longhorn", "mamba", "gla", "retnet", "rwkv", "rwkv5"} <= set(builtin)
+    for name in builtin:  # an installed third-party plugin may leave [valid] out
+        _, options, checks = _plugin_defaults(name)
+        unchecked = [k for k, v in options.items() if isinstance(v, int | float | str) and not isinstance(v, bool)
+                     and k not in checks]
+        assert not unchecked, f"{name}: [valid] has no entry for {unchecked}"
+
+
+@pytest.mark.parametrize(
+    ("valid", "match"),
+    [
+        ({"widht": {"min": 1}}, r"\[valid\] names 'widht', which is not an option of \[mixer\].*'width'"),
+        ({"width": ["a", "b"]}, r"width = \['a', 'b'\]: the option's default is 2, so its entry must be a table"),
+        ({"kind": {"min": 1}}, r"kind = .*default is 'x', so its entry must be a list of strings"),
+        ({"kind": ["y", "z"]}, r"\[valid\] kind rejects its default kind = 'x' is not valid; choose one of y, z"),
+        ({"width": {"min": 3}}, r"\[valid\] width rejects its default width = 2 is out of range: it must be >= 3"),
+        ({"width": {"least": 1}}, r"unknown bound 'least'; use min, max, gt, lt or also"),
+        ({"width": {"min": 1, "gt": 0}}, r"one lower and one upper bound at most"),
+        ({"width": {"max": "9"}}, r"width.max = '9' is not a number"),
+        ({"width": {"min": 1, "also": [0.5]}}, r"width.also = \[0.5\] must be a list of integers"),
+    ],
+)
+def test_a_bad_valid_table_names_the_option_and_the_fix(valid, match):
+    from longhorn_zoo.config import option_checks
+
+    with pytest.raises(ValueError, match=match):
+        option_checks(valid, {"width": 2, "kind": "x"})
+
+
+def test_valid_table_bounds_and_choices():
+    from longhorn_zoo.config import Range, option_checks
+
+    checks = option_checks({"width": {"gt": 0, "max": 8, "also": [-1]}, "kind": ["x", "y"], "eps": {"min": 0}},
+                           {"width": 2, "kind": "x", "eps": 1e-5})
+    assert checks["kind"] == (str, ("x", "y"), None)
+    assert checks["width"] == (int, None, Range(lo=0, lo_open=True, hi=8, also=(-1,)))
+    assert checks["eps"][0] is float and 0.0 in checks["eps"][2] and -1e-9 not in checks["eps"][2]
+
 def test_a_range_is_checked_in_toml_files_too(tmp_path):
     with pytest.raises(ConfigError, match=r"job.toml: training.steps = 0 is out of range: it must be >= 1"):
         load_config(write(tmp_path, "[training]\nsteps = 0\n"))

@@ -73,6 +73,15 @@ def test_missing_defaults_file_is_an_invalid_spec(install_plugin):
     assert any("lz-nodefaults" in e and "does not exist" in e for e in reg.errors)
 
 
+
+def test_a_bad_valid_table_is_an_invalid_spec(install_plugin):
+    src = GOOD.format(name="badvalid").replace("width = 2\\n", "width = 2\\n[valid]\\nwidht = { min = 1 }\\n")
+    install_plugin("lz-badvalid", {"bv": src})
+    reg = build_registry()
+    assert any("lz-badvalid" in e and "'widht', which is not an option of [mixer]" in e and "'width'" in e
+               for e in reg.errors)
+
+
 def test_duplicate_name_names_both_distributions(install_plugin):
     install_plugin("lz-dup-a", {"a": GOOD.format(name="dupe")})
     install_plugin("lz-dup-b", {"b": GOOD.format(name="dupe")})

@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from longhorn_zoo.config import load_config
+from longhorn_zoo.config import ConfigError, load_config
+from longhorn_zoo.hookspecs import MixerArgs
 from longhorn_zoo.model import LM, build_model
 from longhorn_zoo.optim import build_optimizer
 
@@ -129,8 +130,12 @@ def test_selective_blocks_normal_init_is_std_002() -> None:
         assert std(mixer.in_proj.weight) == pytest.approx(0.02, rel=0.02)
         assert std(mixer.x_proj.weight) == pytest.approx(0.02, rel=0.05)
         assert std(mixer.out_proj.weight) == pytest.approx(0.02 / math.sqrt(2 * 2), rel=0.02)
-    with pytest.raises(ValueError, match="model.mixer.init = 'xavier'; choose one of mamba_ssm, normal"):
+    with pytest.raises(ConfigError, match="model.mixer.init = 'xavier' is not valid; choose one of mamba_ssm, normal"):
         small("longhorn", "--model.mixer.init", "xavier")
+    mixer = small("longhorn").layers["0"].mixer
+    with pytest.raises(ValueError, match="model.mixer.init = 'xavier'; choose one of mamba_ssm, normal"):
+        type(mixer)(MixerArgs(64, 0, 2, 64, {"d_state": 4, "expand": 2, "conv_kernel": 4, "dt_rank": 0,
+                                             "init": "xavier"}))  # a MixerArgs built by hand: the block checks
 
 def test_mamba_125m_decays_a_log_as_the_seed_does() -> None:
     def decayed(config: str) -> tuple[LM, set[int]]:

@@ -459,8 +459,9 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, Any], dict[str, Any]]:
-    """The mixer plugin's ``[model]`` defaults and its ``[mixer]`` option table; ``where`` names the mixer's key."""
+def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """The mixer plugin's ``[model]`` defaults, its ``[mixer]`` option table and the checks of its ``[valid]``
+    table (:func:`option_checks`); ``where`` names the mixer's key."""
     from longhorn_zoo.registry import PluginError, get_registry
 
     try:
@@ -469,11 +470,66 @@ def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, An
         raise ConfigError(f"{where}: {e}") from None
     table = _load_toml(Path(entry.spec.defaults))
     mixer_defaults = dict(table.pop("mixer", {}))
-    return table, mixer_defaults
+    try:
+        checks = option_checks(table.pop("valid", {}), mixer_defaults)
+    except ValueError as e:
+        raise ConfigError(f"defaults file of mixer {name!r} ({entry.spec.defaults}): {e}") from None
+    return table, mixer_defaults, checks
 
 
 Check = tuple[type, tuple[str, ...] | None, Range | None]
 """What :func:`_coerce` checks a value against: its type, its choices and its range."""
+
+
+RANGE_KEYS = {"min": ("lo", False), "gt": ("lo", True), "max": ("hi", False), "lt": ("hi", True)}
+"""The keys of a numeric option's entry in a defaults file's ``[valid]`` table, and the :class:`Range` bound
+each sets (inclusive or open)."""
+
+
+def option_checks(valid: Any, options: dict[str, Any]) -> dict[str, Check]:
+    """The checks a plugin's ``[valid]`` table declares for its ``[mixer]`` options.
+
+    A string option's entry is its list of choices, ``["a", "b"]``; a number's is a table of bounds, any of
+    ``min``, ``max`` (inclusive), ``gt``, ``lt`` (open) and ``also`` (integers also allowed, e.g. ``[-1]``).
+    Each option's default must pass its own check. Raises ValueError naming the option and what is wrong.
+    """
+    if not isinstance(valid, dict):
+        raise ValueError(f"[valid] must be a table of option names, got {type(valid).__name__}")
+    checks: dict[str, Check] = {}
+    for key, entry in valid.items():
+        if key not in options:
+            raise ValueError(f"[valid] names {key!r}, which is not an option of [mixer]."
+                             + _suggest(key, list(options)))
+        default = options[key]
+        typ = float if isinstance(default, float) else type(default)
+        if isinstance(default, str) and isinstance(entry, list) and all(isinstance(c, str) for c in entry):
+            checks[key] = (str, tuple(entry), None)
+        elif typ in (int, float) and isinstance(entry, dict):
+            if unknown := sorted(set(entry) - {*RANGE_KEYS, "also"}):
+                raise ValueError(f"[valid] {key}: unknown bound {unknown[0]!r}; use min, max, gt, lt or also")
+            bounds: dict[str, Any] = {}
+            for name, (side, open_) in RANGE_KEYS.items():
+                if name in entry:
+                    if f"{side}_open" in bounds:
+                        raise ValueError(f"[valid] {key}: give one lower and one upper bound at most")
+                    bound = entry[name]
+                    if isinstance(bound, bool) or not isinstance(bound, int | float):
+                        raise ValueError(f"[valid] {key}.{name} = {bound!r} is not a number")
+                    bounds.update({side: bound, f"{side}_open": open_})
+            also = entry.get("also", [])
+            if not isinstance(also, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in also):
+                raise ValueError(f"[valid] {key}.also = {also!r} must be a list of integers")
+            checks[key] = (typ, None, Range(**bounds, also=tuple(also)))
+        else:
+            want = "a list of strings (its choices)" if isinstance(default, str) else \
+                "a table of bounds such as { min = 1 }" if typ in (int, float) else "nothing: only strings and numbers"
+            raise ValueError(f"[valid] {key} = {entry!r}: the option's default is {default!r}, so its entry must be "
+                             f"{want}")
+        try:
+            _coerce(f"its default {key}", default, *checks[key])
+        except ConfigError as e:
+            raise ValueError(f"[valid] {key} rejects {e}") from None
+    return checks
 
 
 def _block_key_checks() -> dict[str, Check]:
@@ -487,7 +543,8 @@ def _merge_options(where: str, mixer: str, given: dict[str, Any], declared: dict
                    checks: dict[str, Check] | None = None) -> dict[str, Any]:
     """The ``declared`` options (key -> default, whose type is the option's) updated with the user's
     ``given`` ones, each type-checked; ``where`` is the table's key, e.g. ``model.mixer``. A key of
-    ``checks`` (a stack's block keys, :func:`_block_key_checks`) is checked against its type, choices and range."""
+    ``checks`` (the plugin's ``[valid]`` table, a stack's block keys) is checked against its type, choices and
+    range."""
     checks = checks or {}
     resolved = dict(declared)
     for key, value in given.items():
@@ -521,9 +578,11 @@ def _check_pattern(value: Any) -> list[str]:
     return pattern
 
 
-def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -> dict[str, dict[str, Any]]:
+def _stack_defaults(cfg: JobConfig, pattern: list[str],
+                    given: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, dict[str, Check]]]:
     """Check the user's [model] keys of a stack, apply the model-wide plugin defaults, and return what each
-    mixer's table declares: its blocks' MLP keys and its options, with their defaults.
+    mixer's table declares (its blocks' MLP keys and its options, with their defaults) and the checks of
+    those keys (the block keys' and the plugin's ``[valid]``).
 
     A plugin's MLP keys (:data:`BLOCK_KEYS`) apply to its own blocks. Its other [model] defaults apply to the
     whole model; two plugins of the stack that disagree on one are an error unless the user sets it.
@@ -535,9 +594,10 @@ def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -
                               f"{fix} (or remove model.pattern)")
     block = {f.name: f.default for f in dataclasses.fields(Model) if f.name in BLOCK_KEYS}
     checks = _block_key_checks()
-    declared, shared = {}, {}
+    declared, rules, shared = {}, {}, {}
     for name in dict.fromkeys(pattern):
-        model_defaults, mixer_defaults = _plugin_defaults(name, "model.pattern")
+        model_defaults, mixer_defaults, option_rules = _plugin_defaults(name, "model.pattern")
+        rules[name] = {**option_rules, **checks}
         origin = f"defaults file of mixer {name!r}"
         if clash := [k for k in BLOCK_KEYS if k in mixer_defaults]:
             raise ConfigError(f"{origin}: mixer option {clash[0]!r} has the name of a block key, so a stack "
@@ -550,11 +610,12 @@ def _stack_defaults(cfg: JobConfig, pattern: list[str], given: dict[str, Any]) -
                 raise ConfigError(f"the mixers of model.pattern disagree on model.{key}: {other!r} defaults it to "
                                   f"{before!r}, {name!r} to {value!r}; set model.{key} in the config")
     _apply(cfg, {"model": {key: value for key, (_, value) in shared.items()}}, "defaults files of model.pattern")
-    return declared
+    return declared, rules
 
 
-def _resolve_stack(cfg: JobConfig, declared: dict[str, dict[str, Any]]) -> None:
-    """Check the stack's pattern against n_layers and resolve each ``[model.mixers.<name>]`` table."""
+def _resolve_stack(cfg: JobConfig, declared: dict[str, dict[str, Any]], rules: dict[str, dict[str, Check]]) -> None:
+    """Check the stack's pattern against n_layers and resolve each ``[model.mixers.<name>]`` table against
+    ``declared`` and ``rules`` (:func:`_stack_defaults`)."""
     m = cfg.model
     if m.n_layers % len(m.pattern):
         k = len(m.pattern)
@@ -565,8 +626,7 @@ def _resolve_stack(cfg: JobConfig, declared: dict[str, dict[str, Any]]) -> None:
         if name not in declared:
             raise ConfigError(f"[model.mixers.{name}]: {name!r} is not in model.pattern = {m.pattern}; its tables "
                               f"are {', '.join(declared)}." + _suggest(name, list(declared)))
-    checks = _block_key_checks()
-    m.mixers = {name: _merge_options(f"model.mixers.{name}", name, m.mixers.get(name, {}), options, checks)
+    m.mixers = {name: _merge_options(f"model.mixers.{name}", name, m.mixers.get(name, {}), options, rules[name])
                 for name, options in declared.items()}
     m.name = "+".join(declared)
 
@@ -588,20 +648,20 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     given = {**file_table.get("model", {}), **cli_table.get("model", {})}
     pattern = _check_pattern(given.get("pattern", []))
     if pattern:
-        declared = _stack_defaults(cfg, pattern, given)
+        declared, rules = _stack_defaults(cfg, pattern, given)
     else:
         cfg.model.name = _coerce("model.name", given.get("name", cfg.model.name), str, None)
-        model_defaults, mixer_defaults = _plugin_defaults(cfg.model.name)
+        model_defaults, mixer_defaults, option_rules = _plugin_defaults(cfg.model.name)
         _apply(cfg, {"model": model_defaults}, f"defaults file of mixer {cfg.model.name!r}")
     _apply(cfg, file_table, str(path))
     _apply(cfg, cli_table, "command line")
     if pattern:
-        _resolve_stack(cfg, declared)
+        _resolve_stack(cfg, declared, rules)
     elif cfg.model.mixers:
         raise ConfigError(f"[model.mixers.{next(iter(cfg.model.mixers))}] is for hybrid stacks (model.pattern); "
                           f"the options of the one mixer {cfg.model.name!r} go in [model.mixer]")
     else:
-        cfg.model.mixer = _merge_options("model.mixer", cfg.model.name, cfg.model.mixer, mixer_defaults)
+        cfg.model.mixer = _merge_options("model.mixer", cfg.model.name, cfg.model.mixer, mixer_defaults, option_rules)
     return cfg
 
 

@@ -104,7 +104,9 @@ class MixerSpec:
         defaults: Path of a TOML file shipped in the plugin package. Its top-level
             keys are defaults for the ``[model]`` section (e.g. ``mlp = false``);
             its ``[mixer]`` table declares every mixer option with its default
-            value, whose type is the option's type. A user config overrides only
+            value, whose type is the option's type; an optional ``[valid]`` table
+            gives an option's choices (strings) or bounds (numbers), checked when
+            the config is read (docs/plugins.md). A user config overrides only
             what it changes.
         ops: The scan ops of this mixer (see :mod:`longhorn_zoo.ops`); listed with their
             available backends and checked by the conformance suite, which runs

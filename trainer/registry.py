@@ -99,6 +99,12 @@ def validate_spec(spec: object) -> MixerSpec:
         raise PluginError(f"mixer {spec.name!r}: defaults file {path} is not valid TOML: {e}") from e
     if not isinstance(table.get("mixer", {}), dict):
         raise PluginError(f"mixer {spec.name!r}: [mixer] in {path} must be a table")
+    from longhorn_zoo.config import option_checks  # config imports the registry lazily too
+
+    try:
+        option_checks(table.get("valid", {}), table.get("mixer", {}))
+    except ValueError as e:
+        raise PluginError(f"mixer {spec.name!r}: {path}: {e}") from None
     for op in spec.ops:
         if not isinstance(op, ScanOp):
             raise PluginError(f"mixer {spec.name!r}: ops must be longhorn_zoo.ops.ScanOp, got {type(op).__name__}")
