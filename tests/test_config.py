@@ -127,11 +127,13 @@ def test_every_builtin_plugin_declares_the_valid_values_of_its_numeric_and_strin
     [
         ({"widht": {"min": 1}}, r"\[valid\] names 'widht', which is not an option of \[mixer\].*'width'"),
         ({"width": ["a", "b"]}, r"width = \['a', 'b'\]: the option's default is 2, so its entry must be a table"),
+        ({"flag": ["a"]}, r"flag: only string and number options take an entry \(its default is True\)"),
         ({"kind": {"min": 1}}, r"kind = .*default is 'x', so its entry must be a list of strings"),
         ({"kind": ["y", "z"]}, r"\[valid\] kind rejects its default kind = 'x' is not valid; choose one of y, z"),
         ({"width": {"min": 3}}, r"\[valid\] width rejects its default width = 2 is out of range: it must be >= 3"),
         ({"width": {"least": 1}}, r"unknown bound 'least'; use min, max, gt, lt or also"),
         ({"width": {"min": 1, "gt": 0}}, r"one lower and one upper bound at most"),
+        ({"width": {"also": [0]}}, r"width = \{'also': \[0\]\} gives no bound; use min, max, gt or lt"),
         ({"width": {"max": "9"}}, r"width.max = '9' is not a number"),
         ({"width": {"min": 1, "also": [0.5]}}, r"width.also = \[0.5\] must be a list of integers"),
     ],
@@ -140,7 +142,7 @@ def test_a_bad_valid_table_names_the_option_and_the_fix(valid, match):
     from longhorn_zoo.config import option_checks
 
     with pytest.raises(ValueError, match=match):
-        option_checks(valid, {"width": 2, "kind": "x"})
+        option_checks(valid, {"width": 2, "kind": "x", "flag": True})
 
 
 def test_valid_table_bounds_and_choices():

@@ -516,15 +516,19 @@ def option_checks(valid: Any, options: dict[str, Any]) -> dict[str, Check]:
                     if isinstance(bound, bool) or not isinstance(bound, int | float):
                         raise ValueError(f"[valid] {key}.{name} = {bound!r} is not a number")
                     bounds.update({side: bound, f"{side}_open": open_})
+            if not bounds:
+                raise ValueError(f"[valid] {key} = {entry!r} gives no bound; use min, max, gt or lt")
             also = entry.get("also", [])
             if not isinstance(also, list) or not all(isinstance(a, int) and not isinstance(a, bool) for a in also):
                 raise ValueError(f"[valid] {key}.also = {also!r} must be a list of integers")
             checks[key] = (typ, None, Range(**bounds, also=tuple(also)))
-        else:
-            want = "a list of strings (its choices)" if isinstance(default, str) else \
-                "a table of bounds such as { min = 1 }" if typ in (int, float) else "nothing: only strings and numbers"
+        elif isinstance(default, str) or typ in (int, float):
+            want = "a list of strings (its choices)" if isinstance(default, str) else "a table of bounds ({ min = 1 })"
             raise ValueError(f"[valid] {key} = {entry!r}: the option's default is {default!r}, so its entry must be "
                              f"{want}")
+        else:
+            raise ValueError(f"[valid] {key}: only string and number options take an entry (its default is "
+                             f"{default!r})")
         try:
             _coerce(f"its default {key}", default, *checks[key])
         except ConfigError as e:
