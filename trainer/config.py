@@ -459,7 +459,7 @@ def _cli_table(overrides: list[str]) -> dict[str, dict[str, Any]]:
     return table
 
 
-def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, Any], dict[str, Any], dict[str, Check]]:
     """The mixer plugin's ``[model]`` defaults, its ``[mixer]`` option table and the checks of its ``[valid]``
     table (:func:`option_checks`); ``where`` names the mixer's key."""
     from longhorn_zoo.registry import PluginError, get_registry
@@ -470,11 +470,8 @@ def _plugin_defaults(name: str, where: str = "model.name") -> tuple[dict[str, An
         raise ConfigError(f"{where}: {e}") from None
     table = _load_toml(Path(entry.spec.defaults))
     mixer_defaults = dict(table.pop("mixer", {}))
-    try:
-        checks = option_checks(table.pop("valid", {}), mixer_defaults)
-    except ValueError as e:
-        raise ConfigError(f"defaults file of mixer {name!r} ({entry.spec.defaults}): {e}") from None
-    return table, mixer_defaults, checks
+    # The registry has already rejected a plugin whose [valid] table is malformed (registry.validate_spec).
+    return table, mixer_defaults, option_checks(table.pop("valid", {}), mixer_defaults)
 
 
 Check = tuple[type, tuple[str, ...] | None, Range | None]
@@ -501,7 +498,7 @@ def option_checks(valid: Any, options: dict[str, Any]) -> dict[str, Check]:
             raise ValueError(f"[valid] names {key!r}, which is not an option of [mixer]."
                              + _suggest(key, list(options)))
         default = options[key]
-        typ = float if isinstance(default, float) else type(default)
+        typ = type(default)
         if isinstance(default, str) and isinstance(entry, list) and all(isinstance(c, str) for c in entry):
             checks[key] = (str, tuple(entry), None)
         elif typ in (int, float) and isinstance(entry, dict):

@@ -112,11 +112,16 @@ class SelectiveBlock(nn.Module):
         # default (uniform within 1/sqrt(fan_in)), out_proj that divided by sqrt(n_layers). "normal": those
         # three at std 0.02, out_proj 0.02 / sqrt(2 n_layers) (GPT-2's). The same draws in the same order.
         normal = self.init_scheme == "normal"
-        for proj in (self.in_proj, self.conv1d, self.x_proj):  # in this order, so "mamba_ssm" draws as before
-            if normal and proj is not self.conv1d:
-                nn.init.trunc_normal_(proj.weight, std=0.02)
+
+        def draw(linear: nn.Linear) -> None:
+            if normal:
+                nn.init.trunc_normal_(linear.weight, std=0.02)
             else:
-                proj.reset_parameters()
+                linear.reset_parameters()
+
+        draw(self.in_proj)  # in_proj, conv1d, x_proj in this order, so "mamba_ssm" draws as before
+        self.conv1d.reset_parameters()
+        draw(self.x_proj)
         bound = self.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -bound, bound)
         self.init_dt_bias()
