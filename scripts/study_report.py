@@ -77,9 +77,12 @@ def observations(runs: dict[str, dict[str, Any]], mixers: list[str], tokens: str
                    f"{lm['longhorn']['val_loss']:.4f} vs Mamba {lm['mamba']['val_loss']:.4f}, "
                    f"{'lower' if d > 0 else 'higher'} by {abs(d):.4f} nats per byte; this {verdict}.")
     if lm:
-        ratios = {m: [r["ppl"] / n["extrapolation"][0]["ppl"] for r in n["extrapolation"]] for m, n in lm.items()}
+        ratios = {m: [r["ppl"] / n["extrapolation"][0]["ppl"] for r in n["extrapolation"]] for m, n in lm.items()
+                  if n["extrapolation"][-1]["factor"] == FACTORS[-1]}
+        short = [m for m in lm if m not in ratios]  # not evaluated that far (a learned position embedding)
         out.append(f"Perplexity at {FACTORS[-1]}x the training context over 1x: "
-                   + ", ".join(f"{m} {r[-1]:.2f}" for m, r in ratios.items()) + ".")
+                   + ", ".join(f"{m} {r[-1]:.2f}" for m, r in ratios.items())
+                   + (f"; not evaluated at {FACTORS[-1]}x: {', '.join(short)}" if short else "") + ".")
         if "longhorn" in ratios:
             worst = max(ratios["longhorn"])
             verdict = "agrees with" if worst <= 1.05 else "disagrees with"

@@ -96,3 +96,17 @@ def test_a_failed_job_is_reported_with_its_log_and_the_others_go_on(tmp_path):
     text = md.read_text()
     assert "**train failed** (exit 2" in text and "## Failed jobs" in text and "unknown key 'bogus'" in text
     assert "| lm_llama" not in text and "| llama | — | — | — |" in text
+
+
+def test_the_extrapolation_summary_leaves_out_a_mixer_not_evaluated_at_16x():
+    """A learned position embedding stops the evaluation at 1x; its last ratio is not the 16x one."""
+    report = importlib.import_module("study_report")  # on sys.path once study.py is loaded (above)
+
+    def lm(ppls: list[float]) -> dict:
+        ext = [{"factor": f, "length": 512 * f, "loss": math.log(p), "ppl": p} for f, p in zip((1, 2, 4, 8, 16), ppls)]
+        return {"eval": {"numbers": {"val_loss": ext[0]["loss"], "extrapolation": ext}}}
+
+    runs = {"lm_longhorn": lm([3.0, 3.0, 2.9, 2.9, 2.8]), "lm_rwkv5": lm([3.1])}
+    lines = report.observations(runs, ["longhorn", "rwkv5"], "4.1M")
+    (line,) = [x for x in lines if x.startswith("Perplexity at 16x")]
+    assert "longhorn 0.93" in line and "rwkv5 1.00" not in line and "not evaluated at 16x: rwkv5" in line
