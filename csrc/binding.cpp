@@ -143,7 +143,6 @@ std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Te
                                  const std::optional<at::Tensor>& reset, const at::Tensor& dy, const at::Tensor& dhT,
                                  int64_t chunk_len) {
   const c10::cuda::CUDAGuard guard(x.device());
-  TORCH_CHECK(chunk_len <= ss::kBwdMaxChunk, "selective scan: backward chunk_len must be <= ", ss::kBwdMaxChunk);
   ss::ScanParams p = make_params(kind, x, dt, kin, qout, A, D, z, h0, reset, chunk_len);
   check(dy, "dy", {p.batch, p.seqlen, p.channels}, x.scalar_type(), false);
   set_strides(dy, p.dy_stride);
@@ -166,6 +165,8 @@ std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Te
     p.ws_P = P.data_ptr<float>(), p.ws_S = S.data_ptr<float>(), p.ws_Sb = Sb.data_ptr<float>();
     p.ws_H = H.data_ptr<float>(), p.ws_R = R.data_ptr<float>();
   }
+  at::Tensor ckpt = at::empty({ss::bwd_ckpt_floats(p)}, f32);
+  p.ws_ckpt = ckpt.data_ptr<float>();
   p.dy = dy.data_ptr();
   p.dhT = dhT.data_ptr<float>();
   p.dx = dx.data_ptr();
@@ -188,5 +189,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("scan_bwd", &scan_bwd, "Selective scan backward: (dx, ddt, dkin, dqout, dA, dD, dz, dh0)");
   m.attr("STATE_SIZE") = ss::kStateSize;
   m.attr("TILE") = ss::kTile;
-  m.attr("BWD_MAX_CHUNK") = ss::kBwdMaxChunk;
 }

@@ -19,9 +19,8 @@ namespace selective_scan {
 
 constexpr int kStateSize = 16;     // N: the only state size with kernels
 constexpr int kTile = 16;          // time steps staged per tile
-// The backward keeps one checkpoint per tile of its chunk in shared memory; 7 tiles (14 KB) leave room
-// for 4 blocks per SM, which its launch bounds (at most 128 registers) also allow.
-constexpr int kBwdMaxChunk = 112;
+constexpr int kBlockThreads = 128;
+constexpr int kBwdBlockChannels = 32;  // channels per backward block
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -71,6 +70,9 @@ struct ScanParams {
   float* ws_Sb = nullptr;
   float* ws_H = nullptr;
   float* ws_R = nullptr;
+  // Backward only: h at every tile start, one float4 per thread of each backward block,
+  // (B, ceil(T / kTile), ceil(C / kBwdBlockChannels), kBlockThreads) float4 (bwd_ckpt in selective_scan.cuh).
+  float* ws_ckpt = nullptr;
 
   cudaStream_t stream = nullptr;
 };
@@ -78,10 +80,16 @@ struct ScanParams {
 // Forward: y and hT. fwd_lanes (2 or 4) threads share one channel's states.
 cudaError_t longhorn_scan_fwd(const ScanParams& p, int fwd_lanes);
 cudaError_t mamba_scan_fwd(const ScanParams& p, int fwd_lanes);
-// Backward: dx, ddt, dz, dkin, dqout, dK, dA, dD, dh0. Needs chunk_len <= kBwdMaxChunk.
+// Backward: dx, ddt, dz, dkin, dqout, dK, dA, dD, dh0. Needs ws_ckpt (bwd_ckpt_floats).
 cudaError_t longhorn_scan_bwd(const ScanParams& p);
 cudaError_t mamba_scan_bwd(const ScanParams& p);
 // Chunk carries: ws_H from (h0, ws_P, ws_S) when fwd, ws_R from (dhT, ws_P, ws_Sb) when bwd.
 cudaError_t scan_combine(const ScanParams& p, bool fwd, bool bwd);
+
+// Size of the backward's ws_ckpt in floats.
+inline int64_t bwd_ckpt_floats(const ScanParams& p) {
+  return static_cast<int64_t>(p.batch) * ((p.seqlen + kTile - 1) / kTile) *
+         ((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels) * kBlockThreads * 4;
+}
 
 }  // namespace selective_scan

@@ -22,9 +22,10 @@
 //   3. fwd_kernel / bwd_kernel rerun each chunk from H_j (and R_j).
 //
 // Backward. g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + gy_t * qout_t, gy = dy * SiLU(z). The
-// backward kernel sweeps its chunk forward once to checkpoint h at every tile start (shared
-// memory), then walks tiles in reverse: it recomputes the tile's states into registers and
-// runs g backwards through them. Sums over the states (dx, d delta) go through shared memory;
+// backward kernel sweeps its chunk forward once to checkpoint h at every tile start (a global
+// workspace, one float4 per thread and tile, so a chunk may be as long as T and the summary pass
+// is needed only when B * C alone cannot fill the GPU), then walks tiles in reverse: it
+// recomputes the tile's states into registers and runs g backwards through them. Sums over the states (dx, d delta) go through shared memory;
 // sums over channels (dkin, dqout) use a transposing shuffle reduction within the warp and
 // one float4 global atomic per block and step.
 #pragma once
@@ -41,7 +42,7 @@
 namespace selective_scan {
 
 constexpr int kN = kStateSize;
-constexpr int kThreads = 128;
+constexpr int kThreads = kBlockThreads;
 constexpr int kLt = kTile;
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
@@ -518,7 +519,12 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
 // 3b. Backward for one chunk, 4 lanes per channel (4 states per thread).
 
 constexpr int kBwdLanes = 4;
-constexpr int kBwdMaxTiles = kBwdMaxChunk / kLt;
+
+// Where thread tid of block (b, channel block cb) keeps h at the start of tile `tile` (of all T).
+__device__ __forceinline__ float4* bwd_ckpt(const ScanParams& p, int b, int tile, int tid) {
+  const size_t tiles = (p.seqlen + kLt - 1) / kLt;
+  return reinterpret_cast<float4*>(p.ws_ckpt) + ((b * tiles + tile) * gridDim.x + blockIdx.x) * kThreads + tid;
+}
 
 struct BwdSmem {
   KqSmem kq;
@@ -554,15 +560,14 @@ __device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane
 template <class Tr, typename T, bool kXRun>
 __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
   using L = Layout<kBwdLanes>;
-  static_assert(L::kCh == 32 && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
+  static_assert(L::kCh == kBwdBlockChannels && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
   constexpr int NS = L::kNS;
   __shared__ BwdSmem sm;
-  extern __shared__ float4 ckpt[];  // [tile][thread]: h at each tile start
   const int tid = threadIdx.x, lane = tid % 32, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
   const int cl = L::channel_of(tid), sg = L::group_of(tid), s0 = sg * NS, c = cbase + cl;
   const int ecl = tid % L::kCh, erow = tid / L::kCh, ec = cbase + ecl;
   const int t0 = chunk * p.chunk_len, t1 = min(t0 + p.chunk_len, p.seqlen);
-  const int ntiles = (t1 - t0 + kLt - 1) / kLt;
+  const int ntiles = (t1 - t0 + kLt - 1) / kLt, tile0 = t0 / kLt;
   const bool use_z = p.z != nullptr;
   const float Dc = ec < p.channels ? p.D[ec] : 0.f;
 
@@ -570,12 +575,14 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
   load_entry_state(p, b, chunk, c, s0, h);
   load_a2<Tr>(p, c, s0, a2);
 
-  // Sweep 1: forward through the chunk, checkpointing h at every tile start.
+  // Sweep 1: forward through the chunk, checkpointing h at every tile start (the last tile's
+  // states are only needed in sweep 2).
   RawTile<T, L::kElems> raw;
-  load_tile<kBwdLanes, kXRun, false, false, false>(p, b, t0, t1, cbase, raw);
+  if (ntiles > 1) load_tile<kBwdLanes, kXRun, false, false, false>(p, b, t0, t1, cbase, raw);
   for (int it = 0; it < ntiles; ++it) {
     const int ts = t0 + it * kLt;
-    ckpt[it * kThreads + tid] = make_float4(h[0], h[1], h[2], h[3]);
+    *bwd_ckpt(p, b, tile0 + it, tid) = make_float4(h[0], h[1], h[2], h[3]);
+    if (it + 1 == ntiles) break;
     stage_kq<false>(sm.kq, raw);
     stage_x<kBwdLanes, kXRun>(sm.x, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
@@ -621,6 +628,7 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
   }
   float dD_acc = 0.f;
   load_tile<kBwdLanes, kXRun, true, true, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+  float4 h_start = *bwd_ckpt(p, b, tile0 + ntiles - 1, tid);  // written by this thread in sweep 1
   for (int it = ntiles - 1; it >= 0; --it) {
     const int ts = t0 + it * kLt;
     stage_kq<true>(sm.kq, raw);
@@ -648,16 +656,17 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
       sm.dsilu[row][ecl] = dsilu;
     }
     __syncthreads();
-    if (it > 0) load_tile<kBwdLanes, kXRun, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
+    const float4 h4 = h_start;
+    if (it > 0) {
+      load_tile<kBwdLanes, kXRun, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
+      h_start = *bwd_ckpt(p, b, tile0 + it - 1, tid);
+    }
 
     // Recompute the tile's states: hist[s] = h_{ts+s-1}.
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
       float hist[kLt + 1][NS];
-      {
-        const float4 h4 = ckpt[it * kThreads + tid];
-        hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
-      }
+      hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
 #pragma unroll
       for (int s = 0; s < kLt; ++s) {
         const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
@@ -790,23 +799,18 @@ cudaError_t scan_fwd(const ScanParams& p, int lanes) {
 
 template <class Tr>
 cudaError_t scan_bwd(const ScanParams& p) {
-  if (p.chunk_len % kLt != 0 || p.chunk_len > kBwdMaxChunk) return cudaErrorInvalidValue;
+  if (p.chunk_len % kLt != 0 || p.ws_ckpt == nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
     return dispatch_x_layout(p, [&](auto run) {
       constexpr bool kXRun = decltype(run)::value;
-      const dim3 grid((p.channels + 31) / 32, p.nchunks, p.batch);
+      const dim3 grid((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels, p.nchunks, p.batch);
       if (p.nchunks > 1) {
         summary_kernel<Tr, kBwdLanes, T, kXRun, true><<<grid, kThreads, 0, p.stream>>>(p);
         const cudaError_t err = scan_combine(p, true, true);
         if (err != cudaSuccess) return err;
       }
-      const int smem = (p.chunk_len / kLt) * kThreads * static_cast<int>(sizeof(float4));
-      static const cudaError_t attr = cudaFuncSetAttribute(
-          bwd_kernel<Tr, T, kXRun>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-          kBwdMaxTiles * kThreads * static_cast<int>(sizeof(float4)));
-      if (attr != cudaSuccess) return attr;
-      bwd_kernel<Tr, T, kXRun><<<grid, kThreads, smem, p.stream>>>(p);
+      bwd_kernel<Tr, T, kXRun><<<grid, kThreads, 0, p.stream>>>(p);
       return cudaGetLastError();
     });
   });

@@ -218,14 +218,14 @@ def test_scan_without_gate_state_or_reset(kind: str) -> None:
 @pytest.mark.parametrize("kind", ["longhorn", "mamba"])
 @pytest.mark.parametrize("lanes", [2, 4])
 def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """No time chunks in the forward (its launch at large B * C): it walks all of T from the initial
-    state; the backward takes its longest chunks."""
+    """No time chunks (the launch at large B * C): forward and backward walk all of T from the initial
+    state and the final state's gradient, with no summary pass."""
     from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)
     monkeypatch.setitem(ss.TUNING, "fwd_blocks_per_sm", 1e-3)
     monkeypatch.setitem(ss.TUNING, "bwd_blocks_per_sm", 1e-3)
-    assert ss.chunk_lengths(2, 2049, 80) == (2064, ss.BWD_MAX_CHUNK)
+    assert ss.chunk_lengths(2, 2049, 80) == (2064, 2064)
     errs = check_scan(kind, 2, 2049, 80, torch.bfloat16, seed=5 + lanes)
     assert_within_bounds(errs, torch.bfloat16)
 

@@ -48,13 +48,14 @@ CSRC = _csrc()
 SOURCES = ("binding.cpp", "combine.cu", "longhorn_fwd.cu", "longhorn_bwd.cu", "mamba_fwd.cu", "mamba_bwd.cu")
 HEADERS = ("scan_params.h", "selective_scan.cuh")
 LONGHORN, MAMBA = 0, 1
-STATE_SIZE, TILE, BWD_MAX_CHUNK = 16, 16, 112  # BWD_MAX_CHUNK: kBwdMaxChunk in csrc/scan_params.h
+STATE_SIZE, TILE = 16, 16  # kStateSize and kTile in csrc/scan_params.h
 
 # Launch shape. fwd_lanes: threads sharing one channel's 16 states in the forward (2 or 4).
 # fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
 # 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
-# fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md).
-TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 3.0}
+# fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md);
+# bwd_blocks_per_sm 4, the backward's launch bounds, keeps one chunk (no summary pass) there too.
+TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0}
 
 
 class MissingSourcesError(RuntimeError):
@@ -158,14 +159,13 @@ def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
     """(forward, backward) chunk lengths in steps: enough chunks to fill the GPU, multiples of the tile."""
     sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
-    def pick(channels_per_block: int, blocks_per_sm: float, max_len: int) -> int:
+    def pick(channels_per_block: int, blocks_per_sm: float) -> int:
         blocks = batch * math.ceil(channels / channels_per_block)
         nchunks = max(1, min(math.ceil(seqlen / TILE), round(blocks_per_sm * sms / max(blocks, 1))))
-        length = TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
-        return min(length, max_len)
+        return TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
 
-    fwd = pick(128 // int(TUNING["fwd_lanes"]), TUNING["fwd_blocks_per_sm"], 1 << 30)
-    bwd = pick(32, TUNING["bwd_blocks_per_sm"], BWD_MAX_CHUNK)
+    fwd = pick(128 // int(TUNING["fwd_lanes"]), TUNING["fwd_blocks_per_sm"])
+    bwd = pick(32, TUNING["bwd_blocks_per_sm"])
     return fwd, bwd
 
 
