@@ -123,6 +123,10 @@ __device__ __forceinline__ void store_vec(float* dst, const float (&src)[K]) {
 struct Longhorn {
   static constexpr bool kUsesKsq = true;
   static constexpr bool kUsesA = false;
+  // The backward recomputes a tile's states in this many parts: 2 needs 36 registers for them
+  // instead of 68, so nothing spills, for 8 more steps of the recurrence per tile (2% faster here,
+  // 9% slower for Mamba, whose backward keeps dA too; docs/benchmarks.md).
+  static constexpr int kBwdParts = 2;
   __device__ static void step_size(float dt, float ksq, float& delta, float& ddt_scale) {
     const float e = exp_fast(fminf(-dt, 80.f));  // delta = sigmoid(dt) / (1 + sigmoid(dt) |k|^2)
     delta = __fdividef(1.f, 1.f + e + ksq);
@@ -141,6 +145,7 @@ struct Longhorn {
 struct Mamba {
   static constexpr bool kUsesKsq = false;
   static constexpr bool kUsesA = true;
+  static constexpr int kBwdParts = 1;
   __device__ static void step_size(float dt, float, float& delta, float& ddt_scale) {
     delta = dt > 20.f ? dt : log1pf(exp_fast(dt));  // softplus
     ddt_scale = sigmoid_fast(dt);
@@ -519,6 +524,7 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
 // 3b. Backward for one chunk, 4 lanes per channel (4 states per thread).
 
 constexpr int kBwdLanes = 4;
+constexpr int kBwdBlocksPerSm = 4;  // launch bounds: at most 65536 / (4 * 128) = 128 registers
 
 // Where thread tid of block (b, channel block cb) keeps h at the start of tile `tile` (of all T).
 __device__ __forceinline__ float4* bwd_ckpt(const ScanParams& p, int b, int tile, int tid) {
@@ -558,7 +564,7 @@ __device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane
 // 4 blocks per SM (at most 128 registers, a few bytes spilled): measured 7% (Longhorn) and 1% (Mamba) faster
 // than 3 blocks with 159-168 registers (docs/benchmarks.md).
 template <class Tr, typename T, bool kXRun>
-__global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
+__global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const ScanParams p) {
   using L = Layout<kBwdLanes>;
   static_assert(L::kCh == kBwdBlockChannels && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
   constexpr int NS = L::kNS;
@@ -662,13 +668,14 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
       h_start = *bwd_ckpt(p, b, tile0 + it - 1, tid);
     }
 
-    // Recompute the tile's states: hist[s] = h_{ts+s-1}.
+    // Recompute the tile's states and run g backwards through them, in Tr::kBwdParts parts of the
+    // tile from the last to the first: each part reruns the recurrence from the tile start to its
+    // own first step (h only), then keeps its steps' states, hist[s] = h before step base + s.
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
-      float hist[kLt + 1][NS];
-      hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
-#pragma unroll
-      for (int s = 0; s < kLt; ++s) {
+      constexpr int kPart = kLt / Tr::kBwdParts;
+      // h after step s, from hp (h before it).
+      auto advance = [&](int s, const float (&hp)[NS], float (&hn)[NS]) {
         const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
         const bool rs = kRst && sm.kq.rst[s] != 0;
         float k[NS], kk[NS];
@@ -677,35 +684,46 @@ __global__ void __launch_bounds__(kThreads, 4) bwd_kernel(const ScanParams p) {
 #pragma unroll
         for (int j = 0; j < NS; ++j) {
           const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
-          hist[s + 1][j] = fmaf(a, hist[s][j], dxv * k[j]);
+          hn[j] = fmaf(a, hp[j], dxv * k[j]);
         }
-      }
+      };
 #pragma unroll
-      for (int s = kLt - 1; s >= 0; --s) {
-        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
-        const bool rs = kRst && sm.kq.rst[s] != 0;
-        float k[NS], kk[NS], q[NS];
-        load_vec(k, &sm.kq.k[s][s0]);
-        load_vec(kk, &sm.kq.kk[s][s0]);
-        load_vec(q, &sm.kq.q[s][s0]);
-        float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+      for (int part = Tr::kBwdParts - 1; part >= 0; --part) {
+        const int base = part * kPart;
+        float hist[kPart + 1][NS];
+        hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
-          const float hp = kRst && rs ? 0.f : hist[s][j], hn = hist[s + 1][j];
-          const float gj = fmaf(gy, q[j], g[j]);
-          dxa = fmaf(gj, k[j], dxa);
-          ys = fmaf(q[j], hn, ys);
-          v[NS + j] = gy * hn;
-          Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
-          g[j] = a * gj;
+        for (int s = 0; s < base; ++s) advance(s, hist[0], hist[0]);
+#pragma unroll
+        for (int s = 0; s < kPart; ++s) advance(base + s, hist[s], hist[s + 1]);
+#pragma unroll
+        for (int i = kPart - 1; i >= 0; --i) {
+          const int s = base + i;
+          const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
+          const bool rs = kRst && sm.kq.rst[s] != 0;
+          float k[NS], kk[NS], q[NS];
+          load_vec(k, &sm.kq.k[s][s0]);
+          load_vec(kk, &sm.kq.kk[s][s0]);
+          load_vec(q, &sm.kq.q[s][s0]);
+          float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+#pragma unroll
+          for (int j = 0; j < NS; ++j) {
+            const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
+            const float hp = kRst && rs ? 0.f : hist[i][j], hn = hist[i + 1][j];
+            const float gj = fmaf(gy, q[j], g[j]);
+            dxa = fmaf(gj, k[j], dxa);
+            ys = fmaf(q[j], hn, ys);
+            v[NS + j] = gy * hn;
+            Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
+            g[j] = a * gj;
+          }
+          sm.dxa[sg][s][cl] = dxa;
+          sm.dda[sg][s][cl] = dda;
+          sm.ys[sg][s][cl] = ys;
+          const float r = transpose_reduce8(v, lane);
+          const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
+          if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
         }
-        sm.dxa[sg][s][cl] = dxa;
-        sm.dda[sg][s][cl] = dda;
-        sm.ys[sg][s][cl] = ys;
-        const float r = transpose_reduce8(v, lane);
-        const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
-        if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
       }
     });
     __syncthreads();
