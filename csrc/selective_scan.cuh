@@ -25,7 +25,8 @@
 // backward kernel sweeps its chunk forward once to checkpoint h at every tile start (a global
 // workspace, one float4 per thread and tile, so a chunk may be as long as T and the summary pass
 // is needed only when B * C alone cannot fill the GPU), then walks tiles in reverse: it
-// recomputes the tile's states into registers and runs g backwards through them. Sums over the states (dx, d delta) go through shared memory;
+// recomputes the tile's states into registers (in Tr::kBwdParts parts) and runs g backwards
+// through them. Sums over the states (dx, d delta) go through shared memory;
 // sums over channels (dkin, dqout) use a transposing shuffle reduction within the warp and
 // one float4 global atomic per block and step.
 #pragma once
@@ -561,8 +562,8 @@ __device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane
   return sum + __shfl_xor_sync(0xffffffffu, sum, 1);
 }
 
-// 4 blocks per SM (at most 128 registers, a few bytes spilled): measured 7% (Longhorn) and 1% (Mamba) faster
-// than 3 blocks with 159-168 registers (docs/benchmarks.md).
+// 4 blocks per SM (at most 128 registers): on the H200 (2026-12-03) 3 blocks, with no spills, were 30% (Longhorn)
+// and 18% (Mamba) slower, and 5 blocks (96 registers, spilling) slower still (docs/benchmarks.md).
 template <class Tr, typename T, bool kXRun>
 __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const ScanParams p) {
   using L = Layout<kBwdLanes>;
