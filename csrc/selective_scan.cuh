@@ -125,7 +125,7 @@ struct Longhorn {
   static constexpr bool kUsesKsq = true;
   static constexpr bool kUsesA = false;
   // The backward recomputes a tile's states in this many parts: 2 needs 36 registers for them
-  // instead of 68, so nothing spills, for 8 more steps of the recurrence per tile (2% faster here,
+  // instead of 68, so at most 4 bytes spill, for 8 more steps of the recurrence per tile (2% faster here,
   // 9% slower for Mamba, whose backward keeps dA too; docs/benchmarks.md).
   static constexpr int kBwdParts = 2;
   __device__ static void step_size(float dt, float ksq, float& delta, float& ddt_scale) {
