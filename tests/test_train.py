@@ -70,7 +70,9 @@ def test_bad_global_batch_is_a_clear_error(tmp_path):
         train(tiny(tmp_path, "--training.global_batch_size", "12"))
 
 
-def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
+def test_non_finite_loss_stops_the_run_naming_the_step_before_the_optimizer_steps(tmp_path, monkeypatch):
+    import longhorn_zoo.train as train_module
+
     original = LM.init_weights
 
     def poisoned(self):
@@ -78,9 +80,25 @@ def test_non_finite_loss_stops_the_run_naming_the_step(tmp_path, monkeypatch):
         with torch.no_grad():
             self.output.weight.fill_(float("nan"))
 
+    stepped = []
+    build_optimizer = train_module.build_optimizer
+
+    def recording(*args, **kwargs):
+        optimizer = build_optimizer(*args, **kwargs)
+        step = type(optimizer).step
+
+        def recorded(self, *a, **k):
+            stepped.append(True)
+            return step(self, *a, **k)
+
+        monkeypatch.setattr(type(optimizer), "step", recorded)
+        return optimizer
+
     monkeypatch.setattr(LM, "init_weights", poisoned)
+    monkeypatch.setattr(train_module, "build_optimizer", recording)
     with pytest.raises(TrainingError, match="loss is nan at step 1"):
         train(tiny(tmp_path, "--training.steps", "3"))
+    assert stepped == []
 
 
 def test_schedules_warm_up_then_decay_to_the_floor():

@@ -75,7 +75,7 @@ def mqar_sweep(model: LM, cfg: JobConfig, device: str, batches: int = 4) -> list
             for _ in range(batches):
                 b = make_batch(cfg.training.local_batch_size, seq_len, pairs, vocab, gen)
                 _, c, s = loss_and_accuracy(model(b["inputs"].to(device)), b["labels"].to(device))
-                correct, scored = correct + c, scored + s
+                correct, scored = correct + int(c), scored + int(s)
             rows.append((pairs, seq_len, correct / max(scored, 1)))
     return rows
 

@@ -63,14 +63,15 @@ def build_loss(cfg: JobConfig) -> Callable[[torch.Tensor, torch.Tensor], torch.T
 
 def loss_and_accuracy(logits: torch.Tensor, labels: torch.Tensor,
                       loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy,
-                      ) -> tuple[torch.Tensor, int, int]:
-    """Mean cross-entropy over scored labels, and (correct, scored) counts for accuracy."""
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Mean cross-entropy over scored labels, and the (correct, scored) counts for accuracy, all three
+    0-d tensors on the logits' device: nothing here waits for the device."""
     loss = loss_fn(logits, labels)
     with torch.no_grad():
         lab = labels.flatten()
         scored = lab != IGNORE
-        correct = int((logits.flatten(0, 1).argmax(-1)[scored] == lab[scored]).sum())
-    return loss, correct, int(scored.sum())
+        correct = ((logits.flatten(0, 1).argmax(-1) == lab) & scored).sum()
+    return loss, correct, scored.sum()
 
 
 def model_inputs(batch: dict[str, torch.Tensor], cfg: JobConfig,
@@ -125,8 +126,13 @@ def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]]
                scheduler: torch.optim.lr_scheduler.LRScheduler, cfg: JobConfig, accum: int, device: torch.device,
                autocast: Callable[[], AbstractContextManager], metrics: MetricsLogger, step: int,
                loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = cross_entropy) -> tuple[float, float]:
-    """One optimizer step over ``accum`` micro-batches; returns (lr used, gradient norm before clipping)."""
-    step_loss = 0.0
+    """One optimizer step over ``accum`` micro-batches; returns (lr used, gradient norm before clipping).
+
+    The host waits for the device once per step, after clipping: the losses, accuracy counts and the norm
+    stay on the device until then, so the backward and the clipping are queued while the forward still
+    runs, and the next step's forward while the optimizer does. A non-finite loss stops the run there,
+    before the optimizer step."""
+    stats, sizes = [], []
     for _ in range(accum):
         t_data = time.perf_counter()
         batch = next(loader)
@@ -136,19 +142,25 @@ def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]]
             logits = model(inputs, reset=reset)
         loss, correct, scored = loss_and_accuracy(logits, labels, loss_fn)
         (loss / accum).backward()
-        step_loss += float(loss.detach()) / accum
-        metrics.record(float(loss.detach()), inputs.numel(), correct, scored, data_time)
-    if not math.isfinite(step_loss):
-        raise TrainingError(f"loss is {step_loss} at step {step}; lower optimizer.lr or check the data")
+        stats.append(torch.stack([loss.detach().double(), correct.double(), scored.double()]))
+        sizes.append((inputs.numel(), data_time))
     max_norm = cfg.training.max_norm if cfg.training.max_norm > 0 else float("inf")
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
     if hasattr(grad_norm, "full_tensor"):  # a DTensor under FSDP
         grad_norm = grad_norm.full_tensor()
+    *micro, norm = torch.cat([*stats, grad_norm.detach().double().reshape(1).to(stats[0].device)]).tolist()
+    step_loss = 0.0
+    for i, (tokens, data_time) in enumerate(sizes):
+        loss_i, correct_i, scored_i = micro[3 * i: 3 * i + 3]
+        step_loss += loss_i / accum
+        metrics.record(loss_i, tokens, int(correct_i), int(scored_i), data_time)
+    if not math.isfinite(step_loss):
+        raise TrainingError(f"loss is {step_loss} at step {step}; lower optimizer.lr or check the data")
     lr = scheduler.get_last_lr()[0]
     optimizer.step()
     scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return lr, float(grad_norm)
+    return lr, norm
 
 
 def build_model_for_training(cfg: JobConfig, rank: int, world_size: int, device: torch.device) -> tuple[LM, float]:
