@@ -102,7 +102,7 @@ def build_cases() -> list[OpCase]:
         sweep=ss.sweep,
     )
     cases = [
-        OpCase("longhorn", longhorn_scan, ss.longhorn_inputs, ss.floor_bytes, target_us=600.0, **scan),
+        OpCase("longhorn", longhorn_scan, ss.longhorn_inputs, ss.floor_bytes, target_us=800.0, **scan),
         OpCase("mamba", mamba_scan, ss.mamba_inputs, ss.floor_bytes, target_us=1000.0, **scan),
         OpCase("conv", causal_conv1d, conv.inputs, conv.floor_bytes, width=conv.CHANNELS,
                dims=f"E={conv.CHANNELS} K={conv.KERNEL}", shapes=conv.SHAPES, backend="triton", reference_max_t=2048,
