@@ -674,6 +674,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
     // own first step (h only), then keeps its steps' states, hist[s] = h before step base + s.
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
+      static_assert(kLt % Tr::kBwdParts == 0, "kBwdParts must divide the tile");
       constexpr int kPart = kLt / Tr::kBwdParts;
       // h after step s, from hp (h before it).
       auto advance = [&](int s, const float (&hp)[NS], float (&hn)[NS]) {
