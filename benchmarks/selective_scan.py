@@ -65,7 +65,8 @@ def sweep(b: int, t: int) -> Iterator[str]:
     try:
         settings = [(4, fwd_blocks, 4.0) for fwd_blocks in (1.0, 2.0, 4.0, 8.0, 16.0)]
         settings += [(2, fwd_blocks, 4.0) for fwd_blocks in (2.0, 8.0)]
-        settings += [(4, 4.0, bwd_blocks) for bwd_blocks in (8.0, 16.0)]  # the backward in 2 and 4 chunks at B x C = 4 x 4096
+        # the backward in 2 and 4 chunks at B x C = 4 x 4096
+        settings += [(4, 4.0, bwd_blocks) for bwd_blocks in (8.0, 16.0)]
         for lanes, fwd_blocks, bwd_blocks in settings:
             ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
             chunks = ss.chunk_lengths(b, t, CHANNELS)
