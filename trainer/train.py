@@ -150,8 +150,7 @@ def train_step(model: torch.nn.Module, loader: Iterator[dict[str, torch.Tensor]]
         grad_norm = grad_norm.full_tensor()
     *micro, norm = torch.cat([*stats, grad_norm.detach().double().reshape(1).to(stats[0].device)]).tolist()
     step_loss = 0.0
-    for i, (tokens, data_time) in enumerate(sizes):
-        loss_i, correct_i, scored_i = micro[3 * i: 3 * i + 3]
+    for loss_i, correct_i, scored_i, (tokens, data_time) in zip(micro[0::3], micro[1::3], micro[2::3], sizes):
         step_loss += loss_i / accum
         metrics.record(loss_i, tokens, int(correct_i), int(scored_i), data_time)
     if not math.isfinite(step_loss):
