@@ -7,8 +7,8 @@ import torch
 
 from longhorn_zoo.config import load_config
 from longhorn_zoo.data import IGNORE
-from longhorn_zoo.model import LM
-from longhorn_zoo.optim import lr_factor
+from longhorn_zoo.model import LM, build_model
+from longhorn_zoo.optim import build_optimizer, lr_factor
 from longhorn_zoo.train import TrainingError, build_loss, cross_entropy, loss_and_accuracy, train
 
 TINY = ["--model.dim", "32", "--model.n_layers", "2", "--training.local_batch_size", "8",
@@ -110,6 +110,30 @@ def test_schedules_warm_up_then_decay_to_the_floor():
     assert lr_factor(50, 100, cfg) == 1.0
     assert lr_factor(100, 100, cfg) == pytest.approx(0.1)
     assert 0.1 < lr_factor(95, 100, cfg) < 1.0
+
+
+def test_each_adamw_implementation_sets_its_torch_flag_and_steps_like_the_others():
+    cfg = load_config(None, TINY)
+    first = build_model(cfg.model, cfg.training.seq_len, "cpu")
+    first.init_weights()
+    start = first.state_dict()
+    tokens = torch.randint(0, 256, (2, 4, 33), generator=torch.Generator().manual_seed(0))
+    stepped = {}
+    for implementation, flags in {"fused": (True, None), "foreach": (None, True), "for-loop": (False, False)}.items():
+        model = build_model(cfg.model, cfg.training.seq_len, "cpu")
+        model.load_state_dict(start)
+        cfg.optimizer.implementation = implementation
+        optimizer = build_optimizer(model, cfg.optimizer)
+        assert [(g["fused"], g["foreach"]) for g in optimizer.param_groups] == [flags, flags]
+        for batch in tokens:  # two steps, so the second uses the first's moments
+            cross_entropy(model(batch[:, :-1]), batch[:, 1:]).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        stepped[implementation] = model.state_dict()
+    for implementation in ("foreach", "for-loop"):
+        for name, value in stepped["fused"].items():
+            torch.testing.assert_close(stepped[implementation][name], value, msg=f"{implementation}: {name}")
+    assert not torch.equal(stepped["fused"]["output.weight"], start["output.weight"])
 
 
 def test_tied_embeddings_stay_tied_after_materialising_from_meta():

@@ -143,6 +143,12 @@ class Optimizer:
                                "does not list in no_weight_decay.", valid=NON_NEGATIVE)
     weight_decay_exemptions: bool = opt(True, "Honour the modules' no_weight_decay lists (Mamba's A_log); false "
                                         "decays every parameter of two or more dimensions, as the seed does.")
+    implementation: str = opt("fused", "How AdamW updates the parameters: fused (fused=True, one kernel that reads "
+                              "and writes each fp32 state once), foreach (foreach=True, multi-tensor kernels that "
+                              "pass over the states several times) or for-loop (neither: one parameter at a time, "
+                              "what torch picks on CPU). Fused is the default: foreach took 34 ms of longhorn_1b's "
+                              "step on an H200 (docs/benchmarks.md, the optimizer row), where one pass over the "
+                              "states' bytes takes about 9.", choices=("fused", "foreach", "for-loop"))
 
 
 @dataclass

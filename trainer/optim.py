@@ -10,13 +10,18 @@ from torch import nn
 from longhorn_zoo.config import LRScheduler as LRConfig
 from longhorn_zoo.config import Optimizer as OptimizerConfig
 
+# torch.optim.AdamW's flags for each ``optimizer.implementation``
+IMPLEMENTATIONS = {"fused": {"fused": True}, "foreach": {"foreach": True},
+                   "for-loop": {"foreach": False, "fused": False}}
+
 
 def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optimizer:
     """AdamW with weight decay on parameters of two or more dimensions only (not norms, biases, D).
 
     A module opts its own parameters out of weight decay by naming them in a
     ``no_weight_decay`` attribute (e.g. Mamba's 2-D ``A_log``; see :mod:`longhorn_zoo.hookspecs`),
-    unless ``cfg.weight_decay_exemptions`` is off.
+    unless ``cfg.weight_decay_exemptions`` is off. ``cfg.implementation`` picks torch's fused, foreach or
+    for-loop update; all three take plain tensors and FSDP2's DTensors, on CPU and CUDA.
     """
     exempt = {id(mod.get_parameter(name)) for mod in model.modules() for name in getattr(mod, "no_weight_decay", ())
               if cfg.weight_decay_exemptions}
@@ -25,7 +30,8 @@ def build_optimizer(model: nn.Module, cfg: OptimizerConfig) -> torch.optim.Optim
         if p.requires_grad:
             (decay if p.ndim >= 2 and id(p) not in exempt else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+                             **IMPLEMENTATIONS[cfg.implementation])
 
 
 def lr_factor(step: int, total_steps: int, cfg: LRConfig) -> float:
