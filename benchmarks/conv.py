@@ -64,4 +64,4 @@ def sweep(b: int, t: int) -> Iterator[str]:
 
     for fwd, bwd in product(ct.FWD_CONFIGS, ct.BWD_CONFIGS):
         with ct.use_configs([fwd], [bwd]):
-            yield f"fwd (BT, BE, warps) {fwd} bwd {bwd}"
+            yield f"fwd (BE, warps) {fwd} bwd {bwd}"

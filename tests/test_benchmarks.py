@@ -141,3 +141,15 @@ def test_conv_overhead_without_cuda_exits_with_a_message(monkeypatch: pytest.Mon
     with pytest.raises(SystemExit) as exit_info:
         conv_overhead.main()
     assert "needs a CUDA GPU" in str(exit_info.value.code)
+
+
+def test_conv_kernels_help_and_without_cuda(monkeypatch: pytest.MonkeyPatch, capsys) -> None:
+    from benchmarks import conv_kernels
+
+    with pytest.raises(SystemExit) as help_exit:
+        conv_kernels.main(["--help"])
+    assert help_exit.value.code == 0 and "--sweep" in capsys.readouterr().out
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(SystemExit) as exit_info:
+        conv_kernels.main([])
+    assert "needs a CUDA GPU" in str(exit_info.value.code)

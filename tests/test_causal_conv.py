@@ -1,9 +1,10 @@
 """The causal depthwise conv op: what its reference computes, the conformance op checks, compile, and
 the Triton kernels against the float64 reference.
 
-Without CUDA the kernels run in Triton's interpreter on tiny shapes with small tiles (8 steps x 32
-channels, chunks of 16 steps), so every case crosses tile, chunk and channel-block boundaries and ends
-in partial ones. With CUDA the same checks run at real sizes in bf16 and fp32.
+Without CUDA the kernels run in Triton's interpreter on tiny shapes with 32 channels a program and
+chunks of 16 steps, so every case crosses chunk and channel-block boundaries, ends in partial ones, and
+runs both the kernels' groups of steps and the steps left over. With CUDA the same checks run at real
+sizes in bf16 and fp32.
 """
 
 from __future__ import annotations
@@ -188,15 +189,16 @@ def check_backend(args: list, activation: str, tol_out: float, tol_grad: float, 
 
 @pytest.fixture
 def interpreter(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The kernels in the interpreter with small tiles, one config each (no autotuning), chunks of 16 steps."""
+    """The kernels in the interpreter with 32 channels a program, one config each (no autotuning), chunks of
+    16 steps."""
     if not is_interpreted(KERNELS, "conv_fwd_kernel"):
         pytest.skip("the Triton kernels were compiled for a GPU in this process")
     use_interpreter(monkeypatch)
     from longhorn_zoo.plugins.selective_scan import conv_triton
 
     monkeypatch.setattr(conv_triton, "CHUNK_MULTIPLE", 16)
-    monkeypatch.setattr(conv_triton, "MIN_BWD_PROGRAMS", 1 << 20)
-    with conv_triton.use_configs([(8, 32, 1)], [(8, 32, 1)]):
+    monkeypatch.setattr(conv_triton, "MIN_PROGRAMS", 1 << 20)
+    with conv_triton.use_configs([(32, 1)], [(32, 1)]):
         yield
 
 
@@ -209,6 +211,8 @@ needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installe
     (1, 1, 8, True, True),  # T < K - 1: the final state still holds initial-state inputs
     (1, 45, 8, False, False),  # three chunks
     (1, 20, 8, True, False),
+    (1, 18, 8, True, True),  # the last chunk is shorter than the window (K - 1 steps)
+    (1, 32, 8, True, True),  # a document starts at the second chunk's first step
 ])  # fmt: skip
 def test_interpreter_matches_reference(interpreter, B, T, E, state, reset):
     torch.manual_seed(T)
@@ -216,7 +220,7 @@ def test_interpreter_matches_reference(interpreter, B, T, E, state, reset):
 
 
 @needs_triton
-@pytest.mark.parametrize("K", [2, 5])
+@pytest.mark.parametrize("K", [1, 2, 3])
 def test_interpreter_other_kernel_sizes_no_bias_no_activation(interpreter, K):
     torch.manual_seed(K)
     check_backend(make_inputs(1, 19, 8, K, torch.float64, bias=False), "none", 1e-5, 1e-5)
@@ -224,7 +228,7 @@ def test_interpreter_other_kernel_sizes_no_bias_no_activation(interpreter, K):
 
 @needs_triton
 def test_kernel_sizes_beyond_the_kernels_run_the_reference(interpreter):
-    """K > MAX_K has no kernel (one accumulator per tap): the backend runs the reference and its autograd."""
+    """K > MAX_K has no kernel (one register variable per tap): the backend runs the reference and its autograd."""
     from longhorn_zoo.plugins.selective_scan.conv_triton import MAX_K
 
     torch.manual_seed(7)
@@ -243,11 +247,11 @@ _COMPILE_FOR_SM90 = """
 import triton
 from triton.backends.compiler import GPUTarget
 from longhorn_zoo.plugins.selective_scan import conv_triton as ct, conv_triton_kernels as kern
-flags = dict(K=4, KP=4, SILU=True, HAS_BIAS=True, HAS_STATE=True, HAS_RESET=True, HAS_DST=True)
+flags = dict(K=4, SILU=True, HAS_BIAS=True, HAS_STATE=True, HAS_RESET=True, HAS_DST=True)
 pointers = {"x": "*bf16", "w": "*bf16", "bias": "*bf16", "s0": "*bf16", "r": "*u8", "y": "*bf16", "sT": "*bf16",
             "dy": "*bf16", "dsT": "*bf16", "dx": "*bf16", "ds0": "*fp32", "part": "*fp32"}
-for fn, (bt, be, warps) in ((kern.conv_fwd_kernel, ct.FWD_CONFIGS[0]), (kern.conv_bwd_kernel, ct.BWD_CONFIGS[0])):
-    consts = {k: v for k, v in dict(flags, BT=bt, BE=be).items() if k in fn.arg_names}
+for fn, (be, warps) in ((kern.conv_fwd_kernel, ct.FWD_CONFIGS[0]), (kern.conv_bwd_kernel, ct.BWD_CONFIGS[0])):
+    consts = {k: v for k, v in dict(flags, BE=be).items() if k in fn.arg_names}
     sig = {n: "constexpr" if n in consts else pointers.get(n, "i32") for n in fn.arg_names}
     src = triton.compiler.ASTSource(fn, sig, constexprs=consts)
     triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})

@@ -23,20 +23,23 @@ from longhorn_zoo.plugins.selective_scan.conv_triton_kernels import MAX_K
 
 __all__ = ["MAX_K", "conv_bwd", "conv_fwd", "use_configs"]
 
-FWD_CONFIGS = [(16, 128, 4), (32, 128, 4), (64, 128, 8)]
-"""(BT steps, BE channels, warps) the forward's autotuner tries. ptxas (sm_90, bf16, with state and
-resets): 64, 119 and 123 registers, no spills."""
-BWD_CONFIGS = [(2, 256, 4), (4, 128, 4), (4, 256, 4), (8, 128, 4)]
-"""(BT steps, BE channels, warps) the backward's autotuner tries; every BT divides CHUNK_MULTIPLE."""
+FWD_CONFIGS = [(128, 1), (256, 2), (512, 4)]
+"""(BE channels, warps) the forward's autotuner tries (4 channels a thread). ptxas (sm_90, bf16): 94
+registers, 137 with state and resets; no spills."""
+BWD_CONFIGS = [(128, 1), (256, 2), (512, 4)]
+"""(BE channels, warps) the backward's autotuner tries. ptxas (sm_90, bf16): 136 registers, 240 with
+state and resets; no spills."""
 CHUNK_MULTIPLE = 64
-"""The backward's chunk of steps per program is a multiple of this (so of every BT)."""
-MIN_BWD_PROGRAMS = 2048
-"""The backward splits time into chunks until about this many programs run (at 128 channels a program)."""
+"""A program's chunk of steps is a multiple of this."""
+MIN_PROGRAMS = 2048
+"""Both kernels split time into chunks until about this many programs run (at 128 channels a program).
+On the H200 at B = 8, T = 2048, E = 4096 that is chunks of 256 steps; ``python -m
+benchmarks.conv_kernels --sweep`` times the others."""
 
 
-def _autotuned(kernel, configs: list[tuple[int, int, int]]):
+def _autotuned(kernel, configs: list[tuple[int, int]]):
     return wrap_triton(triton.autotune(
-        configs=[triton.Config({"BT": bt, "BE": be}, num_warps=nw) for bt, be, nw in configs],
+        configs=[triton.Config({"BE": be}, num_warps=nw) for be, nw in configs],
         key=["E", "K", "HAS_RESET"],
     )(kernel))  # fmt: skip
 
@@ -46,11 +49,8 @@ _bwd = _autotuned(kern.conv_bwd_kernel, BWD_CONFIGS)
 
 
 @contextlib.contextmanager
-def use_configs(fwd: list[tuple[int, int, int]], bwd: list[tuple[int, int, int]]) -> Iterator[None]:
-    """Inside the block the kernels choose among these (BT, BE, warps) configs only (one: no autotuning).
-
-    Every backward BT must divide :data:`CHUNK_MULTIPLE`.
-    """
+def use_configs(fwd: list[tuple[int, int]], bwd: list[tuple[int, int]]) -> Iterator[None]:
+    """Inside the block the kernels choose among these (BE, warps) configs only (one: no autotuning)."""
     global _fwd, _bwd
     saved = _fwd, _bwd
     _fwd, _bwd = _autotuned(kern.conv_fwd_kernel, fwd), _autotuned(kern.conv_bwd_kernel, bwd)
@@ -60,15 +60,10 @@ def use_configs(fwd: list[tuple[int, int, int]], bwd: list[tuple[int, int, int]]
         _fwd, _bwd = saved
 
 
-def _pow2(n: int) -> int:
-    """The smallest power of two >= max(n, 2)."""
-    return max(2, 1 << (n - 1).bit_length())
-
-
 def _chunk(bsz: int, seqlen: int, chans: int) -> int:
-    """Steps per backward program: the fewest chunks that give about MIN_BWD_PROGRAMS programs."""
+    """Steps per program: the fewest chunks that give about MIN_PROGRAMS programs."""
     per_chunk = bsz * triton.cdiv(chans, 128)
-    nchunks = max(1, min(triton.cdiv(seqlen, CHUNK_MULTIPLE), triton.cdiv(MIN_BWD_PROGRAMS, per_chunk)))
+    nchunks = max(1, min(triton.cdiv(seqlen, CHUNK_MULTIPLE), triton.cdiv(MIN_PROGRAMS, per_chunk)))
     return CHUNK_MULTIPLE * triton.cdiv(triton.cdiv(seqlen, nchunks), CHUNK_MULTIPLE)
 
 
@@ -92,7 +87,7 @@ def _common(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tenso
     s0, s0_strides = (x, (0, 0, 0)) if initial_state is None else _channels_last(initial_state)
     ptrs = [x, wt, x if bias is None else bias, s0, x if r is None else r]
     strides = [*x.stride(), *s0_strides, wt.stride(1), wt.stride(0)]
-    meta = dict(K=ksize, KP=_pow2(ksize - 1), SILU=activation == "silu", HAS_BIAS=bias is not None,
+    meta = dict(K=ksize, SILU=activation == "silu", HAS_BIAS=bias is not None,
                 HAS_STATE=initial_state is not None, HAS_RESET=reset is not None)  # fmt: skip
     return [ptrs, strides], meta
 
@@ -105,11 +100,12 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Tensor | None, initial_state: Tens
     y = x.new_empty(bsz, seqlen, chans)
     final = x.new_empty(bsz, chans, weight.shape[1] - 1)
     (ptrs, strides), meta = _common(x, weight, bias, initial_state, reset, activation)
+    ct = _chunk(bsz, seqlen, chans)
 
     def grid(m: dict) -> tuple[int, int, int]:
-        return triton.cdiv(seqlen, m["BT"]), triton.cdiv(chans, m["BE"]), bsz
+        return triton.cdiv(chans, m["BE"]), triton.cdiv(seqlen, ct), bsz
 
-    _fwd[grid](*ptrs, y, final, seqlen, chans, *strides, **meta)
+    _fwd[grid](*ptrs, y, final, seqlen, chans, ct, *strides, **meta)
     return y, final
 
 
