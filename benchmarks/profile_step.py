@@ -21,8 +21,8 @@ from pathlib import Path
 # First match wins; names are CUDA kernel names as the profiler records them.
 GROUPS: tuple[tuple[str, str], ...] = (
     ("elementwise", r"^triton_(poi|red|per)_"),  # inductor's fused kernels, whatever ops they hold
+    ("attention", r"flash|fmha|attention|sdpa|cudnn::fusion::convert_dq"),  # cuDNN's attention backward casts dq
     ("conv", r"conv"),
-    ("attention", r"flash|fmha|attention|sdpa"),
     # the CUDA selective scans (csrc/) and the Triton linear-attention chunks (plugins/linear_attention/)
     ("scan", r"summary_kernel|fwd_kernel|bwd_kernel|combine_kernel|^_(fwd|bwd)_(state|output|chunk)|scan"),
     ("matmul", r"gemm|xmma|cutlass|cublas|nvjet|wgmma|gemv|splitk"),
