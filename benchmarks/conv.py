@@ -3,7 +3,8 @@
 ``causal_conv1d`` (``plugins/selective_scan/conv.py``) is the selective-scan block's depthwise conv
 and SiLU, timed at a 1.3B layer's width (E = d_inner = 4096, K = 4). This module gives what
 :class:`benchmarks.ops.OpCase` needs: an input builder, the bytes the op must move, PyTorch's
-``F.conv1d`` as the block called it before (the peer) and a sweep over the Triton tile configs.
+``F.conv1d`` as the block called it before (the peer) and a sweep over the Triton kernels' configs
+(channels and warps a program).
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def conv1d_peer() -> Callable[..., tuple[Tensor, Tensor]]:
 
 
 def sweep(b: int, t: int) -> Iterator[str]:
-    """Pins the Triton kernels to each (forward, backward) tile config in turn, yielding its label; restores them."""
+    """Pins the Triton kernels to each (forward, backward) config in turn, yielding its label; restores them."""
     from longhorn_zoo.plugins.selective_scan import conv_triton as ct
 
     for fwd, bwd in product(ct.FWD_CONFIGS, ct.BWD_CONFIGS):

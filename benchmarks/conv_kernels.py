@@ -14,8 +14,8 @@ includes the sum over its programs' partial weight gradients.
 
 It prints, per kernel, µs per call, the floor (the bytes at 4.24 TB/s: x read and y written forward;
 x and dy read and dx written backward) and the 48 layers' ms per step against issue 20's 20 ms for
-forward plus backward. ``--sweep`` also times every tile config, and the backward at several time
-chunkings (``MIN_PROGRAMS``); the default run uses the autotuner's pick.
+forward plus backward. ``--sweep`` also times every config (channels and warps a program), and the
+backward at several time chunkings (``MIN_PROGRAMS``); the default run uses the autotuner's pick.
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ LAYERS = 48
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.conv_kernels", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sweep", action="store_true", help="also time each tile config and chunking")
+    parser.add_argument("--sweep", action="store_true",
+                        help="also time each config (channels and warps a program) and chunking")
     parser.add_argument("--batch", type=int, default=8, help="B (default 8, the 1.3B step's micro-batch)")
     parser.add_argument("--seq-len", type=int, default=2048, help="T (default 2048)")
     args = parser.parse_args(argv)
