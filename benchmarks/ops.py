@@ -202,8 +202,8 @@ def time_case(case: OpCase, impl: str, args: list) -> dict[str, float]:
     """Median µs of forward and of forward plus backward, and the peak extra MiB, of one implementation.
 
     The backward returns the gradients of every floating-point argument (``torch.autograd.grad``)
-    rather than accumulating them into ``.grad``: accumulating into a leaf that is a transposed view
-    (the block's x) would add a strided copy that the block itself never makes.
+    rather than accumulating them into ``.grad``: accumulating into a leaf that is a strided view
+    (the block's z, a slice of in_proj's output) would add a copy that the block itself never makes.
 
     Args:
         case: The op.

@@ -4,7 +4,8 @@
 #   bash benchmarks/profile_scan.sh [OUT_DIR]      # on the GPU machine; OUT_DIR defaults to outputs/profile
 #
 # Shape: the target row of benchmarks/ops.py (bf16, B=4, T=2048, D_inner=4096, N=16, initial state, rare
-# resets), each scan's forward and backward called through the op as the blocks call it. Steps:
+# resets; BATCH=8 for the 1.3B step's micro-batch), each scan's forward and backward called through the op
+# as the blocks call it. Steps:
 #   1. build the extension outside the profiler (about 2 min when cold; cached in $LONGHORN_ZOO_BUILD_DIR);
 #   2. under ncu, per scan: 3 warm-up fwd+bwd steps, then one step inside cudaProfilerStart/Stop
 #      (--profile-from-start off, so warm-up launches are never profiled, whatever the chunking launches);
@@ -32,6 +33,7 @@ cat > "$OUT/scan_driver.py" <<'PY'
 ``scan_driver.py torch``: the same steps under torch.profiler; prints each kernel's mean time.
 """
 
+import os
 import sys
 
 import torch
@@ -39,7 +41,7 @@ import torch
 from benchmarks.ops import build_cases
 from longhorn_zoo.ops import set_backend_preference
 
-B, T, WIDTH, WARMUP, STEPS = 4, 2048, 4096, 3, 5
+B, T, WIDTH, WARMUP, STEPS = int(os.environ.get("BATCH", "4")), 2048, 4096, 3, 5
 mode = sys.argv[1]
 
 
@@ -166,7 +168,7 @@ fi
 if [[ -s $OUT/scan.ncu-rep ]]; then
   "$NCU" --import "$OUT/scan.ncu-rep" --page details > "$OUT/details.txt"
   "$NCU" --import "$OUT/scan.ncu-rep" --page raw --csv --print-units base > "$OUT/raw.csv"
-  echo "== ncu, bf16 B=4 T=2048 C=4096 N=16, one fwd+bwd step per scan (full text: $OUT/details.txt)"
+  echo "== ncu, bf16 B=${BATCH:-4} T=2048 C=4096 N=16, one fwd+bwd step per scan (full text: $OUT/details.txt)"
   "$PY" "$OUT/summarize.py" "$OUT/raw.csv" | tee "$OUT/summary.txt"
 else
   if [[ -n $NCU ]]; then

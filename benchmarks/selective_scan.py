@@ -24,9 +24,9 @@ def _randn(gen: torch.Generator, *shape: int, scale: float = 1.0, shift: float =
 def _block_views(gen: torch.Generator, b: int, t: int, c: int, dtype: torch.dtype, k_scale: float,
                  dt_shift: float = 0.0) -> tuple[Tensor, ...]:  # fmt: skip
     """x, dt, z, k, q laid out as the selective-scan block passes them (plugins/selective_scan/block.py):
-    x transposed from the convolution's (B, C, T) output, z the second half of in_proj's output,
+    x the convolution's contiguous (B, T, C) output, z the second half of in_proj's output,
     k and q slices of x_proj's output (after the dt rank), dt the contiguous dt_proj output."""
-    x = _randn(gen, b, c, t).to(dtype).transpose(1, 2)
+    x = _randn(gen, b, t, c).to(dtype)
     z = _randn(gen, b, t, 2 * c).to(dtype)[..., c:]
     dt = _randn(gen, b, t, c, shift=dt_shift).to(dtype)
     rank = c // 32
@@ -65,8 +65,8 @@ def sweep(b: int, t: int) -> Iterator[str]:
     try:
         settings = [(4, fwd_blocks, 4.0) for fwd_blocks in (1.0, 2.0, 4.0, 8.0, 16.0)]
         settings += [(2, fwd_blocks, 4.0) for fwd_blocks in (2.0, 8.0)]
-        # the backward in 2 and 4 chunks at B x C = 4 x 4096
-        settings += [(4, 4.0, bwd_blocks) for bwd_blocks in (8.0, 16.0)]
+        # the backward in 1 and 4 chunks at B x C = 4 x 4096 (the default, 4 blocks/SM, makes 2 of 64-channel blocks)
+        settings += [(4, 4.0, bwd_blocks) for bwd_blocks in (2.0, 8.0)]
         for lanes, fwd_blocks, bwd_blocks in settings:
             ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
             chunks = ss.chunk_lengths(b, t, CHANNELS)

@@ -20,7 +20,8 @@ namespace selective_scan {
 constexpr int kStateSize = 16;     // N: the only state size with kernels
 constexpr int kTile = 16;          // time steps staged per tile
 constexpr int kBlockThreads = 128;
-constexpr int kBwdBlockChannels = 32;  // channels per backward block
+constexpr int kBwdBlockChannels = 64;  // channels per backward block
+constexpr int kBwdCheckpointSteps = 4;  // steps between the backward's state checkpoints
 
 enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
 
@@ -70,8 +71,9 @@ struct ScanParams {
   float* ws_Sb = nullptr;
   float* ws_H = nullptr;
   float* ws_R = nullptr;
-  // Backward only: h at every tile start, one float4 per thread of each backward block,
-  // (B, ceil(T / kTile), ceil(C / kBwdBlockChannels), kBlockThreads) float4 (bwd_ckpt in selective_scan.cuh).
+  // Backward only: h every kBwdCheckpointSteps steps, two float4 per thread of each backward block,
+  // (B, ceil(T / kTile), kTile / kBwdCheckpointSteps, ceil(C / kBwdBlockChannels), kBlockThreads, 2)
+  // float4 (bwd_ckpt in selective_scan.cuh): 16 bytes per (b, t, channel).
   float* ws_ckpt = nullptr;
 
   cudaStream_t stream = nullptr;
@@ -88,8 +90,8 @@ cudaError_t scan_combine(const ScanParams& p, bool fwd, bool bwd);
 
 // Size of the backward's ws_ckpt in floats.
 inline int64_t bwd_ckpt_floats(const ScanParams& p) {
-  return static_cast<int64_t>(p.batch) * ((p.seqlen + kTile - 1) / kTile) *
-         ((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels) * kBlockThreads * 4;
+  return static_cast<int64_t>(p.batch) * ((p.seqlen + kTile - 1) / kTile) * (kTile / kBwdCheckpointSteps) *
+         ((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels) * kBlockThreads * 8;
 }
 
 }  // namespace selective_scan

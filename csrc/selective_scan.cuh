@@ -2,14 +2,14 @@
 //
 // Work split. A block of 128 threads owns kCh channels of one batch row and one time chunk;
 // LANES threads share a channel, each holding kNS = 16 / LANES of its states in registers
-// (forward: the LANES threads of a channel sit in different warps, so each warp reads one
-// group of k, q values per step; backward: in one quad of lanes).
+// (the LANES threads of a channel sit in different warps, so each warp reads one group of k, q
+// values per step; the backward's layout is its own, below).
 // Time is walked in tiles of kTile steps: the block loads a tile of x, dt, z, dy (through their
 // strides, so views need no copy; coalesced when the channels are adjacent; prefetched one tile
 // ahead into registers), computes the per-(t, c) scalars once (delta, the gate, ...) into shared
-// memory, then every thread runs the recurrence over the tile. An x whose steps are adjacent
-// instead (the block's transpose of the convolution output) is read in runs along time and
-// transposed through shared memory (the kXRun instances of the kernels).
+// memory, then every thread runs the recurrence over the tile. In the forward and the summary, an
+// x whose steps are adjacent instead (a transposed view) is read in runs along time and transposed
+// through shared memory (the kXRun instances); the backward reads such an x element by element.
 // Resets. A tile with no reset step (nearly all) runs a loop without the per-state select that
 // zeroes the decay; in that loop Longhorn's update is h += (delta k)(x - k h), which is
 // a = 1 - delta k^2, u = delta x k in fewer instructions.
@@ -22,13 +22,14 @@
 //   3. fwd_kernel / bwd_kernel rerun each chunk from H_j (and R_j).
 //
 // Backward. g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + gy_t * qout_t, gy = dy * SiLU(z). The
-// backward kernel sweeps its chunk forward once to checkpoint h at every tile start (a global
-// workspace, one float4 per thread and tile, so a chunk may be as long as T and the summary pass
-// is needed only when B * C alone cannot fill the GPU), then walks tiles in reverse: it
-// recomputes the tile's states into registers (in Tr::kBwdParts parts) and runs g backwards
-// through them. Sums over the states (dx, d delta) go through shared memory;
-// sums over channels (dkin, dqout) use a transposing shuffle reduction within the warp and
-// one float4 global atomic per block and step.
+// backward kernel (its own layout: 2 channels x 4 states a thread, 64 channels a block) sweeps its
+// chunk forward once to checkpoint h every kBwdCheckpointSteps steps (a global workspace, 16 bytes
+// per (b, t, channel), so a chunk may be as long as T and the summary pass is needed only when
+// B * C alone cannot fill the GPU), then walks tiles in reverse and each tile's parts in reverse:
+// it reruns the part's steps from its checkpoint into registers and runs g backwards through them.
+// Sums over the states (dx, d delta) go through shuffles and shared memory; sums over channels
+// (dkin, dqout) first over a thread's two channels, then a transposing shuffle reduction within the
+// half-warp and one float4 global atomic per block and step.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -86,6 +87,8 @@ __device__ __forceinline__ float exp2_approx(float x) {
 __device__ __forceinline__ float exp_fast(float x) { return exp2_approx(x * kLog2e); }
 __device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + exp_fast(-x)); }
 
+__device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
+
 __device__ __forceinline__ void atomic_add4(float* dst, float4 v) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   atomicAdd(reinterpret_cast<float4*>(dst), v);
@@ -117,49 +120,50 @@ __device__ __forceinline__ void store_vec(float* dst, const float (&src)[K]) {
 
 // ---------------------------------------------------------------------------------------------
 // The two scans. step_size: delta and d delta / d dt from dt (and |kin_t|^2). decay: a for one
-// state. grad_state: one state's share of d delta (dda) and of dA, and its dkin term (vk), given
-// g = dL/dh_t, hp = h_{t-1} (0 after a reset) and a (0 after a reset). grad_delta: d delta from
-// x, sum_n g kin_n (dxa) and the summed dda.
+// state. grad_state: one (channel, state)'s share of d delta (dda), of dA and of dkin (added to dk,
+// dkb), given g = dL/dh_t, hp = h_{t-1} (0 after a reset) and a (0 after a reset). dkin: a
+// state's dkin from its dk, dkb summed over channels. grad_delta: d delta from x, sum_n g kin_n
+// (dxa) and the summed dda.
 
 struct Longhorn {
   static constexpr bool kUsesKsq = true;
   static constexpr bool kUsesA = false;
-  // The backward recomputes a tile's states in this many parts: 2 needs 36 registers for them
-  // instead of 68, so at most 4 bytes spill, for 8 more steps of the recurrence per tile (2% faster here,
-  // 9% slower for Mamba, whose backward keeps dA too; docs/benchmarks.md).
-  static constexpr int kBwdParts = 2;
   __device__ static void step_size(float dt, float ksq, float& delta, float& ddt_scale) {
     const float e = exp_fast(fminf(-dt, 80.f));  // delta = sigmoid(dt) / (1 + sigmoid(dt) |k|^2)
     delta = __fdividef(1.f, 1.f + e + ksq);
     ddt_scale = e * delta * delta;
   }
   __device__ static float decay(float delta, float kk, float) { return fmaf(-delta, kk, 1.f); }
-  __device__ static void grad_state(float g, float hp, float, float k, float kk, float delta, float dxv, float,
-                                    float& dda, float&, float& vk) {
-    const float gh = g * hp;  // a = 1 - delta k^2, u = delta x k
+  // a = 1 - delta k^2, u = delta x k: dkin_n = sum_c g dxv - 2 k_n sum_c delta g hp, so the thread
+  // sums dk = g dxv and dkb = delta g hp over its channels and dkin applies the -2 k_n once.
+  __device__ static void grad_state(float g, float hp, float, float kk, float delta, float dxv, float,
+                                    float& dda, float&, float& dk, float& dkb) {
+    const float gh = g * hp;
     dda = fmaf(gh, kk, dda);
-    vk = fmaf(-2.f * delta * k, gh, g * dxv);
+    dk = fmaf(g, dxv, dk);
+    dkb = fmaf(delta, gh, dkb);
   }
+  __device__ static float dkin(float k, float dk, float dkb) { return fmaf(-2.f * k, dkb, dk); }
   __device__ static float grad_delta(float x, float dxa, float dda) { return fmaf(x, dxa, -dda); }
 };
 
 struct Mamba {
   static constexpr bool kUsesKsq = false;
   static constexpr bool kUsesA = true;
-  static constexpr int kBwdParts = 1;
   __device__ static void step_size(float dt, float, float& delta, float& ddt_scale) {
     delta = dt > 20.f ? dt : log1pf(exp_fast(dt));  // softplus
     ddt_scale = sigmoid_fast(dt);
   }
   // a2 = A * log2(e), so a = exp(delta * A) = 2^(delta * a2)
   __device__ static float decay(float delta, float, float a2) { return exp2_approx(delta * a2); }
-  __device__ static void grad_state(float g, float hp, float a, float, float, float delta, float dxv, float a2,
-                                    float& dda, float& dA, float& vk) {
+  __device__ static void grad_state(float g, float hp, float a, float, float delta, float dxv, float a2,
+                                    float& dda, float& dA, float& dk, float&) {
     const float ga = g * hp * a;  // a = exp(delta A), u = delta x B
     dda = fmaf(ga, a2, dda);
     dA = fmaf(ga, delta, dA);
-    vk = g * dxv;
+    dk = fmaf(g, dxv, dk);
   }
+  __device__ static float dkin(float, float dk, float) { return dk; }
   __device__ static float grad_delta(float x, float dxa, float dda) { return fmaf(dda, kLn2, x * dxa); }
 };
 
@@ -522,103 +526,235 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
 }
 
 // ---------------------------------------------------------------------------------------------
-// 3b. Backward for one chunk, 4 lanes per channel (4 states per thread).
+// 3b. Backward for one chunk.
+//
+// Scan role: a thread holds 2 adjacent channels and one group of 4 states. The two half-warps of a
+// warp hold two state groups of the same 16 channel pairs, warps w and w ^ 1 the four groups, and
+// warps 0-1 / 2-3 the block's channels 0-31 / 32-63. A thread's two channels share its loads of each
+// step's k and q, and their dkin, dqout terms are added in registers before the sums over channels.
+// Elementwise role: a thread holds one channel pair (tid % 32) at the rows tid / 32 + 4 i of a tile,
+// read and written two channels at a time.
 
-constexpr int kBwdLanes = 4;
+constexpr int kBwdLanes = 4;                               // state groups
+constexpr int kBwdPairs = kBwdBlockChannels / 2;           // channel pairs per block
+constexpr int kBwdPart = kBwdCheckpointSteps;              // steps between sweep 1's checkpoints
+constexpr int kBwdPartsPerTile = kLt / kBwdPart;
+constexpr int kBwdRows = kLt * kBwdPairs / kThreads;       // rows of a tile per thread, elementwise role
 constexpr int kBwdBlocksPerSm = 4;  // launch bounds: at most 65536 / (4 * 128) = 128 registers
+static_assert(kBwdPairs == 32 && kBwdRows == 4, "backward layout: 64 channels, 4 warps of 2 state groups");
 
-// Where thread tid of block (b, channel block cb) keeps h at the start of tile `tile` (of all T).
-__device__ __forceinline__ float4* bwd_ckpt(const ScanParams& p, int b, int tile, int tid) {
+// Where thread tid keeps its two channels' states at the start of part `part` of tile `tile` (of all T).
+__device__ __forceinline__ float4* bwd_ckpt(const ScanParams& p, int b, int tile, int part, int tid) {
   const size_t tiles = (p.seqlen + kLt - 1) / kLt;
-  return reinterpret_cast<float4*>(p.ws_ckpt) + ((b * tiles + tile) * gridDim.x + blockIdx.x) * kThreads + tid;
+  const size_t slot = ((b * tiles + tile) * kBwdPartsPerTile + part) * gridDim.x + blockIdx.x;
+  return reinterpret_cast<float4*>(p.ws_ckpt) + (slot * kThreads + tid) * 2;
+}
+
+// The raw inputs of one tile for the elementwise role: two channels per row.
+template <typename T>
+struct PairTile {
+  T x[kBwdRows][2], dt[kBwdRows][2], z[kBwdRows][2], dy[kBwdRows][2];
+  float2 k, q;
+  int rst;
+};
+
+// Two adjacent elements as one word.
+template <typename T>
+using PairWord = std::conditional_t<sizeof(T) == 4, uint2, uint32_t>;
+
+// Elements c and c + 1 of a row. kVec: one load (both valid or both not, adjacent, aligned).
+template <bool kVec, typename T>
+__device__ __forceinline__ void load_pair(const T* src, int64_t cstride, bool ok0, bool ok1, T (&v)[2]) {
+  if constexpr (kVec) {
+    using V = PairWord<T>;
+    const V w = ok0 ? *reinterpret_cast<const V*>(src) : V{};
+    memcpy(v, &w, sizeof(V));
+  } else {
+    v[0] = ok0 ? src[0] : from_float<T>(0.f);
+    v[1] = ok1 ? src[cstride] : from_float<T>(0.f);
+  }
+}
+
+template <bool kVec, typename T>
+__device__ __forceinline__ void store_pair(T* dst, bool ok0, bool ok1, float v0, float v1) {
+  if constexpr (kVec) {
+    if (ok0) {
+      const T v[2] = {from_float<T>(v0), from_float<T>(v1)};
+      PairWord<T> w;
+      memcpy(&w, v, sizeof(w));
+      *reinterpret_cast<PairWord<T>*>(dst) = w;
+    }
+  } else {
+    if (ok0) dst[0] = from_float<T>(v0);
+    if (ok1) dst[1] = from_float<T>(v1);
+  }
+}
+
+// Loads the tile starting at ts: the elementwise role's (row, channel pair) elements and 2 of the
+// tile's k and q values (kAll: also z, dy and q, which sweep 1 does not need).
+template <bool kVec, bool kAll, typename T>
+__device__ __forceinline__ void load_pair_tile(const ScanParams& p, int b, int ts, int t1, int cbase, PairTile<T>& r) {
+  const int tid = threadIdx.x;
+  const int c = cbase + 2 * (tid % kBwdPairs), row0 = tid / kBwdPairs;
+  const bool c0 = c < p.channels, c1 = c + 1 < p.channels, use_z = kAll && p.z != nullptr;
+#pragma unroll
+  for (int i = 0; i < kBwdRows; ++i) {
+    const int t = ts + row0 + i * (kThreads / kBwdPairs);
+    const bool ok0 = c0 && t < t1, ok1 = c1 && t < t1;
+    load_pair<kVec>(column<T>(p.x, p.x_stride, b, t, c), p.x_stride[2], ok0, ok1, r.x[i]);
+    load_pair<kVec>(column<T>(p.dt, p.dt_stride, b, t, c), p.dt_stride[2], ok0, ok1, r.dt[i]);
+    if (use_z) load_pair<kVec>(column<T>(p.z, p.z_stride, b, t, c), p.z_stride[2], ok0, ok1, r.z[i]);
+    if (kAll) load_pair<kVec>(column<T>(p.dy, p.dy_stride, b, t, c), p.dy_stride[2], ok0, ok1, r.dy[i]);
+  }
+  const int kt = ts + tid / 8;
+  const bool kok = kt < t1;
+  const size_t koff = (static_cast<size_t>(b) * p.seqlen + kt) * kN + (tid % 8) * 2;
+  r.k = kok ? *reinterpret_cast<const float2*>(p.kin + koff) : make_float2(0.f, 0.f);
+  if (kAll) r.q = kok ? *reinterpret_cast<const float2*>(p.qout + koff) : make_float2(0.f, 0.f);
+  r.rst = (p.reset != nullptr && kok && (tid % 8) == 0) ? static_cast<int>(p.reset[static_cast<size_t>(b) * p.seqlen + kt]) : 0;
 }
 
 struct BwdSmem {
   KqSmem kq;
-  XStage<32, true> x;  // the tile's x: staged there when read in runs, else written by sweep 2's element loop
-  float delta[kLt][32], dxv[kLt][32], gy[kLt][32], ddt_scale[kLt][32], dsilu[kLt][32];
-  float dxa[kBwdLanes][kLt][32], dda[kBwdLanes][kLt][32], ys[kBwdLanes][kLt][32];  // per state group
-  alignas(16) float red[kLt][2 * kN];  // per step: dkin (16), dqout (16), summed over the block's channels
+  // Per (step, channel): written by the elementwise role, read by the scan role as float2 pairs.
+  alignas(16) float x[kLt][kBwdBlockChannels], delta[kLt][kBwdBlockChannels], dxv[kLt][kBwdBlockChannels];
+  alignas(16) float gy[kLt][kBwdBlockChannels], ddt_scale[kLt][kBwdBlockChannels], dsilu[kLt][kBwdBlockChannels];
+  // Sums over the states of warps 2w' and 2w' + 1 (index w & 1): sum_n g kin_n, the d delta terms, sum_n qout_n h_n.
+  alignas(16) float dxa[2][kLt][kBwdBlockChannels], dda[2][kLt][kBwdBlockChannels], ys[2][kLt][kBwdBlockChannels];
+  // Per step and channel half (w >> 1): dkin (16), dqout (16), summed over the half's 32 channels.
+  alignas(16) float red[kLt][2][2 * kN];
 };
 
-// Sums 8 values over the 32 lanes of a warp; returns the sum of the value with index
-// 4 * bit4 + 2 * bit3 + bit2 of the lane (9 shuffles instead of 40).
-__device__ __forceinline__ float transpose_reduce8(const float (&v)[8], int lane) {
-  const bool hi = lane & 16, mid = lane & 8, lo = lane & 4;
-  float r[4], s[2];
+// Sums V values over the lanes that differ in the bits M, M / 2, ..., 1 of the lane index, for
+// V <= 2M: each halving step sends half the values across one bit (V - 1 shuffles in all, where a
+// butterfly per value would take V log2(2M)). The lane gets the sum of value transpose_index(lane).
+template <int V, int M>
+__device__ __forceinline__ float transpose_sum(const float (&v)[V], int lane) {
+  if constexpr (V == 1) {
+    float s = v[0];
 #pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const float send = hi ? v[i] : v[i + 4];
-    r[i] = (hi ? v[i + 4] : v[i]) + __shfl_xor_sync(0xffffffffu, send, 16);
-  }
+    for (int m = M; m >= 1; m >>= 1) s += __shfl_xor_sync(0xffffffffu, s, m);
+    return s;
+  } else {
+    static_assert(M >= 1 && V % 2 == 0, "V must be a power of two no larger than 2M");
+    const bool up = lane & M;
+    float r[V / 2];
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const float send = mid ? r[i] : r[i + 2];
-    s[i] = (mid ? r[i + 2] : r[i]) + __shfl_xor_sync(0xffffffffu, send, 8);
+    for (int i = 0; i < V / 2; ++i) {
+      const float send = up ? v[i] : v[i + V / 2];
+      r[i] = (up ? v[i + V / 2] : v[i]) + __shfl_xor_sync(0xffffffffu, send, M);
+    }
+    if constexpr (M == 1) return r[0];
+    else return transpose_sum<V / 2, M / 2>(r, lane);
   }
-  const float send = lo ? s[0] : s[1];
-  float sum = (lo ? s[1] : s[0]) + __shfl_xor_sync(0xffffffffu, send, 4);
-  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-  return sum + __shfl_xor_sync(0xffffffffu, sum, 1);
+}
+template <int V, int M>
+__device__ __forceinline__ int transpose_index(int lane) {
+  if constexpr (V == 1) return 0;
+  else return ((lane & M) ? V / 2 : 0) + transpose_index<V / 2, M / 2>(lane);
 }
 
-// 4 blocks per SM (at most 128 registers): on the H200 (2026-12-03) 3 blocks, with no spills, were 30% (Longhorn)
-// and 18% (Mamba) slower, and 5 blocks (96 registers, spilling) slower still (docs/benchmarks.md).
-template <class Tr, typename T, bool kXRun>
+// 4 blocks per SM (at most 128 registers, 55 KiB of shared memory each).
+template <class Tr, typename T, bool kVec>
 __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const ScanParams p) {
-  using L = Layout<kBwdLanes>;
-  static_assert(L::kCh == kBwdBlockChannels && L::kNS == 4, "backward layout: each warp holds the 32 channels, one state group");
-  constexpr int NS = L::kNS;
-  __shared__ BwdSmem sm;
-  const int tid = threadIdx.x, lane = tid % 32, b = blockIdx.z, chunk = blockIdx.y, cbase = blockIdx.x * L::kCh;
-  const int cl = L::channel_of(tid), sg = L::group_of(tid), s0 = sg * NS, c = cbase + cl;
-  const int ecl = tid % L::kCh, erow = tid / L::kCh, ec = cbase + ecl;
+  constexpr int NS = kN / kBwdLanes;
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32, b = blockIdx.z, chunk = blockIdx.y;
+  const int cbase = blockIdx.x * kBwdBlockChannels;
+  // Scan role: channels cl, cl + 1 (of the block), states s0 .. s0 + 3.
+  const int half = lane / 16, s0 = (2 * (warp & 1) + half) * NS;
+  const int cl = 2 * ((warp >> 1) * 16 + lane % 16), c = cbase + cl;
+  // Elementwise role: channels el, el + 1 at rows erow + 4 i.
+  const int el = 2 * (tid % kBwdPairs), erow = tid / kBwdPairs, ec = cbase + el;
+  const bool e0 = ec < p.channels, e1 = ec + 1 < p.channels;
   const int t0 = chunk * p.chunk_len, t1 = min(t0 + p.chunk_len, p.seqlen);
   const int ntiles = (t1 - t0 + kLt - 1) / kLt, tile0 = t0 / kLt;
   const bool use_z = p.z != nullptr;
-  const float Dc = ec < p.channels ? p.D[ec] : 0.f;
 
-  float h[NS], a2[NS];
-  load_entry_state(p, b, chunk, c, s0, h);
-  load_a2<Tr>(p, c, s0, a2);
+  float h[2][NS], a2[2][NS];
+#pragma unroll
+  for (int m = 0; m < 2; ++m) {
+    load_entry_state(p, b, chunk, c + m, s0, h[m]);
+    load_a2<Tr>(p, c + m, s0, a2[m]);
+  }
 
-  // Sweep 1: forward through the chunk, checkpointing h at every tile start (the last tile's
-  // states are only needed in sweep 2).
-  RawTile<T, L::kElems> raw;
-  if (ntiles > 1) load_tile<kBwdLanes, kXRun, false, false, false>(p, b, t0, t1, cbase, raw);
+  // The per-(t, c) scalars of a tile, from the raw inputs, to shared memory (elementwise role);
+  // kAll: also what sweep 2 needs (x, gy, the d dt and SiLU' factors).
+  auto stage_elements = [&](const PairTile<T>& raw, int ts, auto all_c) {
+    constexpr bool kAll = decltype(all_c)::value;
+#pragma unroll
+    for (int i = 0; i < kBwdRows; ++i) {
+      const int row = erow + i * (kThreads / kBwdPairs);
+      const bool okt = ts + row < t1;
+      float v[6][2];  // x, delta, delta x, gy, d delta / d dt, SiLU' * dy
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        const bool ok = okt && (m == 0 ? e0 : e1);
+        const float x = to_float(raw.x[i][m]);
+        float delta, ddt_scale;
+        Tr::step_size(to_float(raw.dt[i][m]), sm.kq.ksq[row], delta, ddt_scale);
+        delta = ok ? delta : 0.f;
+        v[0][m] = x, v[1][m] = delta, v[2][m] = delta * x, v[4][m] = ddt_scale;
+        if (kAll) {
+          const float dy = to_float(raw.dy[i][m]);
+          float gate = 1.f, dsilu = 0.f;
+          if (use_z) {
+            const float zf = to_float(raw.z[i][m]), sz = sigmoid_fast(zf);
+            gate = zf * sz;
+            dsilu = dy * sz * fmaf(zf, 1.f - sz, 1.f);
+          }
+          v[3][m] = ok ? dy * gate : 0.f;
+          v[5][m] = dsilu;
+        }
+      }
+      *reinterpret_cast<float2*>(&sm.delta[row][el]) = make_float2(v[1][0], v[1][1]);
+      *reinterpret_cast<float2*>(&sm.dxv[row][el]) = make_float2(v[2][0], v[2][1]);
+      if (kAll) {
+        *reinterpret_cast<float2*>(&sm.x[row][el]) = make_float2(v[0][0], v[0][1]);
+        *reinterpret_cast<float2*>(&sm.gy[row][el]) = make_float2(v[3][0], v[3][1]);
+        *reinterpret_cast<float2*>(&sm.ddt_scale[row][el]) = make_float2(v[4][0], v[4][1]);
+        *reinterpret_cast<float2*>(&sm.dsilu[row][el]) = make_float2(v[5][0], v[5][1]);
+      }
+    }
+  };
+
+  // h after step s of the tile, from hp (h before it), for both channels.
+  auto advance = [&](int s, auto rst_c, const float (&hp)[2][NS], float (&hn)[2][NS]) {
+    constexpr bool kRst = decltype(rst_c)::value;
+    const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
+    const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
+    const bool rs = kRst && sm.kq.rst[s] != 0;
+    float k[NS], kk[NS];
+    load_vec(k, &sm.kq.k[s][s0]);
+    load_vec(kk, &sm.kq.kk[s][s0]);
+#pragma unroll
+    for (int j = 0; j < NS; ++j) {
+      hn[0][j] = fmaf(step_decay<Tr, kRst>(delta.x, kk[j], a2[0][j], rs), hp[0][j], dxv.x * k[j]);
+      hn[1][j] = fmaf(step_decay<Tr, kRst>(delta.y, kk[j], a2[1][j], rs), hp[1][j], dxv.y * k[j]);
+    }
+  };
+  auto store_ckpt = [&](float4* dst, const float (&v)[2][NS]) {
+    dst[0] = make_float4(v[0][0], v[0][1], v[0][2], v[0][3]);
+    dst[1] = make_float4(v[1][0], v[1][1], v[1][2], v[1][3]);
+  };
+
+  // Sweep 1: forward through the chunk, checkpointing h every kBwdPart steps.
+  PairTile<T> raw;
+  load_pair_tile<kVec, false>(p, b, t0, t1, cbase, raw);
   for (int it = 0; it < ntiles; ++it) {
     const int ts = t0 + it * kLt;
-    *bwd_ckpt(p, b, tile0 + it, tid) = make_float4(h[0], h[1], h[2], h[3]);
-    if (it + 1 == ntiles) break;
     stage_kq<false>(sm.kq, raw);
-    stage_x<kBwdLanes, kXRun>(sm.x, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
-#pragma unroll
-    for (int i = 0; i < L::kElems; ++i) {
-      const int row = erow + i * L::kRowStride;
-      const bool ok = ec < p.channels && ts + row < t1;
-      float delta, unused;
-      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, unused);
-      delta = ok ? delta : 0.f;
-      sm.delta[row][ecl] = delta;
-      sm.dxv[row][ecl] = delta * x_at<kBwdLanes, kXRun>(sm.x, raw.x, i, row, ecl);
-    }
+    stage_elements(raw, ts, std::false_type{});
     __syncthreads();
-    if (it + 1 < ntiles) load_tile<kBwdLanes, kXRun, false, false, false>(p, b, ts + kLt, t1, cbase, raw);
+    if (it + 1 < ntiles) load_pair_tile<kVec, false>(p, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
-      constexpr bool kRst = decltype(rst_c)::value;
-#pragma unroll 4
-      for (int s = 0; s < kLt; ++s) {
-        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-        const bool rs = kRst && sm.kq.rst[s] != 0;
-        float k[NS], kk[NS];
-        load_vec(k, &sm.kq.k[s][s0]);
-        load_vec(kk, &sm.kq.kk[s][s0]);
+#pragma unroll 1
+      for (int part = 0; part < kBwdPartsPerTile; ++part) {
+        store_ckpt(bwd_ckpt(p, b, tile0 + it, part, tid), h);
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
-          h[j] = fmaf(a, h[j], dxv * k[j]);
-        }
+        for (int s = 0; s < kBwdPart; ++s) advance(part * kBwdPart + s, rst_c, h, h);
       }
     });
     __syncthreads();
@@ -626,150 +762,163 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
 
   // Sweep 2: tiles in reverse. g holds a_{t+1} * g_{t+1}, starting from the adjoint entering
   // from the next chunk (or dhT).
-  float g[NS], dA[NS];
+  float g[2][NS], dA[2][NS];
 #pragma unroll
-  for (int j = 0; j < NS; ++j) g[j] = 0.f, dA[j] = 0.f;
-  if (c < p.channels) {
-    if (p.nchunks > 1) load_vec(g, p.ws_R + ws_index(p, b, chunk, c) + s0);
-    else load_vec(g, p.dhT + (static_cast<size_t>(b) * p.channels + c) * kN + s0);
+  for (int m = 0; m < 2; ++m) {
+#pragma unroll
+    for (int j = 0; j < NS; ++j) g[m][j] = 0.f, dA[m][j] = 0.f;
+    if (c + m < p.channels) {
+      if (p.nchunks > 1) load_vec(g[m], p.ws_R + ws_index(p, b, chunk, c + m) + s0);
+      else load_vec(g[m], p.dhT + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0);
+    }
   }
-  float dD_acc = 0.f;
-  load_tile<kBwdLanes, kXRun, true, true, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
-  float4 h_start = *bwd_ckpt(p, b, tile0 + ntiles - 1, tid);  // written by this thread in sweep 1
+  const float D0 = e0 ? p.D[ec] : 0.f, D1 = e1 ? p.D[ec + 1] : 0.f;
+  float dD0 = 0.f, dD1 = 0.f;
+  load_pair_tile<kVec, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+  // The checkpoint of the next part to run (they run from the last), loaded one part ahead.
+  const float4* ck_src = bwd_ckpt(p, b, tile0 + ntiles - 1, kBwdPartsPerTile - 1, tid);
+  float4 ck[2] = {ck_src[0], ck_src[1]};
   for (int it = ntiles - 1; it >= 0; --it) {
     const int ts = t0 + it * kLt;
     stage_kq<true>(sm.kq, raw);
-    stage_x<kBwdLanes, kXRun>(sm.x, raw.x);
-    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
-#pragma unroll
-    for (int i = 0; i < L::kElems; ++i) {
-      const int row = erow + i * L::kRowStride;
-      const bool ok = ec < p.channels && ts + row < t1;
-      const float x = x_at<kBwdLanes, kXRun>(sm.x, raw.x, i, row, ecl), dy = to_float(raw.dy[i]);
-      float delta, ddt_scale;
-      Tr::step_size(to_float(raw.dt[i]), sm.kq.ksq[row], delta, ddt_scale);
-      delta = ok ? delta : 0.f;
-      float gate = 1.f, dsilu = 0.f;
-      if (use_z) {
-        const float zf = to_float(raw.z[i]), sz = sigmoid_fast(zf);
-        gate = zf * sz;
-        dsilu = dy * sz * fmaf(zf, 1.f - sz, 1.f);
-      }
-      sm.delta[row][ecl] = delta;
-      sm.dxv[row][ecl] = delta * x;
-      sm.x.v[row][ecl] = x;
-      sm.gy[row][ecl] = ok ? dy * gate : 0.f;
-      sm.ddt_scale[row][ecl] = ddt_scale;
-      sm.dsilu[row][ecl] = dsilu;
-    }
+    const bool tile_rst = __syncthreads_or(raw.rst != 0);
+    stage_elements(raw, ts, std::true_type{});
     __syncthreads();
-    const float4 h4 = h_start;
     if (it > 0) {
-      load_tile<kBwdLanes, kXRun, true, true, true>(p, b, ts - kLt, t1, cbase, raw);
-      h_start = *bwd_ckpt(p, b, tile0 + it - 1, tid);
+      load_pair_tile<kVec, true>(p, b, ts - kLt, t1, cbase, raw);
+      // The previous tile's checkpoints into L2: the loads of ck below then wait on L2, not DRAM,
+      // and hold no registers early (at 128 registers the compiler moves them next to their use).
+#pragma unroll
+      for (int part = 0; part < kBwdPartsPerTile; ++part) prefetch_l2(bwd_ckpt(p, b, tile0 + it - 1, part, tid));
     }
 
-    // Recompute the tile's states and run g backwards through them, in Tr::kBwdParts parts of the
-    // tile from the last to the first: each part reruns the recurrence from the tile start to its
-    // own first step (h only), then keeps its steps' states, hist[s] = h before step base + s.
+    // Each part of the tile, from the last: rerun its steps from its checkpoint, keeping the states
+    // (hist[s] = h before step base + s), then run g backwards through them. The parts loop is
+    // not unrolled: unrolled, the kernel was 3x larger, spilled and stalled on instruction fetch.
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
-      static_assert(kLt % Tr::kBwdParts == 0, "kBwdParts must divide the tile");
-      constexpr int kPart = kLt / Tr::kBwdParts;
-      // h after step s, from hp (h before it).
-      auto advance = [&](int s, const float (&hp)[NS], float (&hn)[NS]) {
-        const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl];
-        const bool rs = kRst && sm.kq.rst[s] != 0;
-        float k[NS], kk[NS];
-        load_vec(k, &sm.kq.k[s][s0]);
-        load_vec(kk, &sm.kq.kk[s][s0]);
+#pragma unroll 1
+      for (int part = kBwdPartsPerTile - 1; part >= 0; --part) {
+        const int base = part * kBwdPart;
+        float hist[kBwdPart + 1][2][NS];
 #pragma unroll
-        for (int j = 0; j < NS; ++j) {
-          const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
-          hn[j] = fmaf(a, hp[j], dxv * k[j]);
+        for (int m = 0; m < 2; ++m) {
+          hist[0][m][0] = ck[m].x, hist[0][m][1] = ck[m].y, hist[0][m][2] = ck[m].z, hist[0][m][3] = ck[m].w;
         }
-      };
+        if (part > 0 || it > 0) {
+          const float4* src = part > 0 ? bwd_ckpt(p, b, tile0 + it, part - 1, tid)
+                                       : bwd_ckpt(p, b, tile0 + it - 1, kBwdPartsPerTile - 1, tid);
+          ck[0] = src[0], ck[1] = src[1];
+        }
 #pragma unroll
-      for (int part = Tr::kBwdParts - 1; part >= 0; --part) {
-        const int base = part * kPart;
-        float hist[kPart + 1][NS];
-        hist[0][0] = h4.x, hist[0][1] = h4.y, hist[0][2] = h4.z, hist[0][3] = h4.w;
+        for (int s = 0; s < kBwdPart; ++s) advance(base + s, rst_c, hist[s], hist[s + 1]);
 #pragma unroll
-        for (int s = 0; s < base; ++s) advance(s, hist[0], hist[0]);
-#pragma unroll
-        for (int s = 0; s < kPart; ++s) advance(base + s, hist[s], hist[s + 1]);
-#pragma unroll
-        for (int i = kPart - 1; i >= 0; --i) {
+        for (int i = kBwdPart - 1; i >= 0; --i) {
           const int s = base + i;
-          const float delta = sm.delta[s][cl], dxv = sm.dxv[s][cl], gy = sm.gy[s][cl];
+          const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
+          const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
+          const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
           const bool rs = kRst && sm.kq.rst[s] != 0;
           float k[NS], kk[NS], q[NS];
           load_vec(k, &sm.kq.k[s][s0]);
           load_vec(kk, &sm.kq.kk[s][s0]);
           load_vec(q, &sm.kq.q[s][s0]);
-          float dxa = 0.f, dda = 0.f, ys = 0.f, v[2 * NS];
+          float dxa[2] = {0.f, 0.f}, dda[2] = {0.f, 0.f}, ys[2] = {0.f, 0.f};
+          float v[2 * NS];  // dkin (NS), dqout (NS), summed over the two channels
 #pragma unroll
           for (int j = 0; j < NS; ++j) {
-            const float a = step_decay<Tr, kRst>(delta, kk[j], a2[j], rs);
-            const float hp = kRst && rs ? 0.f : hist[i][j], hn = hist[i + 1][j];
-            const float gj = fmaf(gy, q[j], g[j]);
-            dxa = fmaf(gj, k[j], dxa);
-            ys = fmaf(q[j], hn, ys);
-            v[NS + j] = gy * hn;
-            Tr::grad_state(gj, hp, a, k[j], kk[j], delta, dxv, a2[j], dda, dA[j], v[j]);
-            g[j] = a * gj;
+            float dk = 0.f, dkb = 0.f, dq = 0.f;
+#pragma unroll
+            for (int m = 0; m < 2; ++m) {
+              const float dl = m ? delta.y : delta.x, xv = m ? dxv.y : dxv.x, gm = m ? gy.y : gy.x;
+              const float a = step_decay<Tr, kRst>(dl, kk[j], a2[m][j], rs);
+              const float hp = kRst && rs ? 0.f : hist[i][m][j], hn = hist[i + 1][m][j];
+              const float gj = fmaf(gm, q[j], g[m][j]);
+              dxa[m] = fmaf(gj, k[j], dxa[m]);
+              ys[m] = fmaf(q[j], hn, ys[m]);
+              dq = fmaf(gm, hn, dq);
+              Tr::grad_state(gj, hp, a, kk[j], dl, xv, a2[m][j], dda[m], dA[m][j], dk, dkb);
+              g[m][j] = a * gj;
+            }
+            v[j] = Tr::dkin(k[j], dk, dkb);
+            v[NS + j] = dq;
           }
-          sm.dxa[sg][s][cl] = dxa;
-          sm.dda[sg][s][cl] = dda;
-          sm.ys[sg][s][cl] = ys;
-          const float r = transpose_reduce8(v, lane);
-          const int idx = ((lane >> 4) & 1) * 4 + ((lane >> 3) & 1) * 2 + ((lane >> 2) & 1);
-          if ((lane & 3) == 0) sm.red[s][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
+          // dkin, dqout over the half-warp's 16 channel pairs, then the block's sum in finalize.
+          const float r = transpose_sum<2 * NS, 8>(v, lane);
+          const int idx = transpose_index<2 * NS, 8>(lane);
+          if ((lane & 1) == 0) sm.red[s][warp >> 1][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
+          // The per-channel sums over the warp's two state groups: lane half 0 keeps channel cl, 1 keeps cl + 1.
+          const float sx = half ? dxa[0] : dxa[1], sd = half ? dda[0] : dda[1], sy = half ? ys[0] : ys[1];
+          const float rx = (half ? dxa[1] : dxa[0]) + __shfl_xor_sync(0xffffffffu, sx, 16);
+          const float rd = (half ? dda[1] : dda[0]) + __shfl_xor_sync(0xffffffffu, sd, 16);
+          const float ry = (half ? ys[1] : ys[0]) + __shfl_xor_sync(0xffffffffu, sy, 16);
+          sm.dxa[warp & 1][s][cl + half] = rx;
+          sm.dda[warp & 1][s][cl + half] = rd;
+          sm.ys[warp & 1][s][cl + half] = ry;
         }
       }
     });
     __syncthreads();
 
-    // Per-(t, c) gradients; the |k|^2 term of Longhorn is summed over the warp's 32 channels.
+    // Per-(t, c) gradients (elementwise role); the |k|^2 term of Longhorn is summed over the block's channels.
+    float dkr[kBwdRows];
 #pragma unroll
-    for (int i = 0; i < L::kElems; ++i) {
-      const int row = erow + i * L::kRowStride, t = ts + row;
-      const bool ok = ec < p.channels && t < t1;
-      const float delta = sm.delta[row][ecl], x = sm.x.v[row][ecl], gy = sm.gy[row][ecl];
-      float dxa = 0.f, dda = 0.f, ys = 0.f;
+    for (int i = 0; i < kBwdRows; ++i) {
+      const int row = erow + i * (kThreads / kBwdPairs), t = ts + row;
+      const bool okt = t < t1;
+      auto pair = [&](const float (&a)[kLt][kBwdBlockChannels]) {
+        return *reinterpret_cast<const float2*>(&a[row][el]);
+      };
+      const float2 x = pair(sm.x), delta = pair(sm.delta), gy = pair(sm.gy);
+      const float2 sc = pair(sm.ddt_scale), ds = pair(sm.dsilu);
+      const float2 xa0 = pair(sm.dxa[0]), xa1 = pair(sm.dxa[1]), da0 = pair(sm.dda[0]), da1 = pair(sm.dda[1]);
+      const float2 ys0 = pair(sm.ys[0]), ys1 = pair(sm.ys[1]);
+      const float dxa[2] = {xa0.x + xa1.x, xa0.y + xa1.y}, dda[2] = {da0.x + da1.x, da0.y + da1.y};
+      const float ys[2] = {ys0.x + ys1.x, ys0.y + ys1.y}, xs[2] = {x.x, x.y}, dl[2] = {delta.x, delta.y};
+      const float gs[2] = {gy.x, gy.y}, Ds[2] = {D0, D1};
+      float dx[2], ddt[2], dz[2], dk = 0.f;
 #pragma unroll
-      for (int g = 0; g < kBwdLanes; ++g) dxa += sm.dxa[g][row][ecl], dda += sm.dda[g][row][ecl], ys += sm.ys[g][row][ecl];
-      const float ddelta = Tr::grad_delta(x, dxa, dda);
-      if (ok) {
-        const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec;
-        static_cast<T*>(p.dx)[off] = from_float<T>(fmaf(delta, dxa, Dc * gy));
-        static_cast<T*>(p.ddt)[off] = from_float<T>(ddelta * sm.ddt_scale[row][ecl]);
-        if (use_z) static_cast<T*>(p.dz)[off] = from_float<T>(sm.dsilu[row][ecl] * fmaf(Dc, x, ys));
-        dD_acc = fmaf(gy, x, dD_acc);
+      for (int m = 0; m < 2; ++m) {
+        const float ddelta = Tr::grad_delta(xs[m], dxa[m], dda[m]);
+        dx[m] = fmaf(dl[m], dxa[m], Ds[m] * gs[m]);
+        ddt[m] = ddelta * (m ? sc.y : sc.x);
+        dz[m] = (m ? ds.y : ds.x) * fmaf(Ds[m], xs[m], ys[m]);
+        dk = fmaf(-dl[m] * dl[m], ddelta, dk);  // delta is 0 outside the sequence and the channels
       }
-      if (Tr::kUsesKsq) {
-        float dk = ok ? -delta * delta * ddelta : 0.f;
-#pragma unroll
-        for (int m = 16; m >= 1; m >>= 1) dk += __shfl_xor_sync(0xffffffffu, dk, m);
-        if (lane == 0 && t < t1) atomicAdd(p.dK + static_cast<size_t>(b) * p.seqlen + t, dk);
-      }
+      dD0 = fmaf(gs[0], xs[0], dD0), dD1 = fmaf(gs[1], xs[1], dD1);  // gy is 0 outside too
+      dkr[i] = dk;
+      const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec;
+      store_pair<kVec>(static_cast<T*>(p.dx) + off, okt && e0, okt && e1, dx[0], dx[1]);
+      store_pair<kVec>(static_cast<T*>(p.ddt) + off, okt && e0, okt && e1, ddt[0], ddt[1]);
+      if (use_z) store_pair<kVec>(static_cast<T*>(p.dz) + off, okt && e0, okt && e1, dz[0], dz[1]);
+    }
+    if (Tr::kUsesKsq) {
+      const float r = transpose_sum<kBwdRows, 16>(dkr, lane);
+      const int t = ts + erow + transpose_index<kBwdRows, 16>(lane) * (kThreads / kBwdPairs);
+      if ((lane & 7) == 0 && t < t1) atomicAdd(p.dK + static_cast<size_t>(b) * p.seqlen + t, r);
     }
     {
       const int row = tid / 8, part = tid % 8, t = ts + row;
       if (t < t1) {
-        const float4 v4 = *reinterpret_cast<const float4*>(&sm.red[row][part * 4]);
+        const float4 u = *reinterpret_cast<const float4*>(&sm.red[row][0][part * 4]);
+        const float4 w = *reinterpret_cast<const float4*>(&sm.red[row][1][part * 4]);
         float* dst = (part < 4 ? p.dkin : p.dqout) + (static_cast<size_t>(b) * p.seqlen + t) * kN + (part % 4) * 4;
-        atomic_add4(dst, v4);
+        atomic_add4(dst, make_float4(u.x + w.x, u.y + w.y, u.z + w.z, u.w + w.w));
       }
     }
     __syncthreads();
   }
-  if (chunk == 0 && c < p.channels) store_vec(p.dh0 + (static_cast<size_t>(b) * p.channels + c) * kN + s0, g);
-  if (ec < p.channels) atomicAdd(p.dD + ec, dD_acc);
-  if (Tr::kUsesA && c < p.channels) {
 #pragma unroll
-    for (int j = 0; j < NS; ++j) atomicAdd(p.dA + static_cast<size_t>(c) * kN + s0 + j, dA[j]);
+  for (int m = 0; m < 2; ++m) {
+    if (c + m >= p.channels) continue;
+    if (chunk == 0) store_vec(p.dh0 + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0, g[m]);
+    if (Tr::kUsesA) {
+#pragma unroll
+      for (int j = 0; j < NS; ++j) atomicAdd(p.dA + static_cast<size_t>(c + m) * kN + s0 + j, dA[m][j]);
+    }
   }
+  if (e0) atomicAdd(p.dD + ec, dD0);
+  if (e1) atomicAdd(p.dD + ec + 1, dD1);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -817,22 +966,47 @@ cudaError_t scan_fwd(const ScanParams& p, int lanes) {
   });
 }
 
+// Whether the backward may read x, dt, z and dy two channels at a time: unit channel strides, an even
+// number of channels, and even strides and pointers aligned to two elements.
+inline bool pairs_aligned(const ScanParams& p, size_t elem) {
+  auto ok = [&](const void* ptr, const int64_t (&s)[3]) {
+    return ptr == nullptr ||
+           (s[2] == 1 && s[0] % 2 == 0 && s[1] % 2 == 0 && reinterpret_cast<uintptr_t>(ptr) % (2 * elem) == 0);
+  };
+  return p.channels % 2 == 0 && ok(p.x, p.x_stride) && ok(p.dt, p.dt_stride) && ok(p.z, p.z_stride) &&
+         ok(p.dy, p.dy_stride);
+}
+
+template <class Tr, typename T, bool kVec>
+cudaError_t launch_bwd(const ScanParams& p) {
+  const dim3 grid((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels, p.nchunks, p.batch);
+  constexpr int kSmem = sizeof(BwdSmem);  // over the 48 KiB of static shared memory: dynamic, opted in
+  auto kernel = bwd_kernel<Tr, T, kVec>;
+  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
+  if (err == cudaSuccess) {
+    err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  }
+  if (err != cudaSuccess) return err;
+  kernel<<<grid, kThreads, kSmem, p.stream>>>(p);
+  return cudaGetLastError();
+}
+
 template <class Tr>
 cudaError_t scan_bwd(const ScanParams& p) {
   if (p.chunk_len % kLt != 0 || p.ws_ckpt == nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    return dispatch_x_layout(p, [&](auto run) {
-      constexpr bool kXRun = decltype(run)::value;
-      const dim3 grid((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels, p.nchunks, p.batch);
-      if (p.nchunks > 1) {
+    if (p.nchunks > 1) {
+      const cudaError_t err = dispatch_x_layout(p, [&](auto run) {
+        constexpr bool kXRun = decltype(run)::value;
+        using L = Layout<kBwdLanes>;
+        const dim3 grid((p.channels + L::kCh - 1) / L::kCh, p.nchunks, p.batch);
         summary_kernel<Tr, kBwdLanes, T, kXRun, true><<<grid, kThreads, 0, p.stream>>>(p);
-        const cudaError_t err = scan_combine(p, true, true);
-        if (err != cudaSuccess) return err;
-      }
-      bwd_kernel<Tr, T, kXRun><<<grid, kThreads, 0, p.stream>>>(p);
-      return cudaGetLastError();
-    });
+        return scan_combine(p, true, true);
+      });
+      if (err != cudaSuccess) return err;
+    }
+    return pairs_aligned(p, sizeof(T)) ? launch_bwd<Tr, T, true>(p) : launch_bwd<Tr, T, false>(p);
   });
 }
 

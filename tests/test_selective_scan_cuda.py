@@ -216,6 +216,17 @@ def test_scan_without_gate_state_or_reset(kind: str) -> None:
 
 @needs_gpu
 @pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+@pytest.mark.parametrize("c", [77, 130])
+def test_scan_at_channel_counts_the_blocks_do_not_divide(kind: str, c: int) -> None:
+    """The backward reads and writes two channels at a time: an odd C takes its element-wise path,
+    with the last pair half outside; C = 130 ends its last 64-channel block after one pair."""
+    for dtype in (torch.float32, torch.bfloat16):
+        errs = check_scan(kind, 2, 100, c, dtype, seed=c + (dtype == torch.bfloat16))
+        assert_within_bounds(errs, dtype, f"{kind} C={c} {dtype}: ")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
 @pytest.mark.parametrize("lanes", [2, 4])
 def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """No time chunks (the launch at large B * C): forward and backward walk all of T from the initial
@@ -235,9 +246,10 @@ def test_scan_in_one_chunk(kind: str, lanes: int, monkeypatch: pytest.MonkeyPatc
 @pytest.mark.parametrize("lanes", [2, 4])
 @pytest.mark.parametrize("t", [333, 344])
 def test_scan_reads_strided_views(kind: str, lanes: int, t: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    """x transposed and z a slice, as the block passes them: read through their strides, no copy.
-    The transposed x is read along time: T = 344 (a multiple of 8, not of the tile) takes the
-    vector loads and a partial last tile, T = 333 the element-wise fallback."""
+    """x transposed (as the block passed it before the Triton conv) and z a slice: read through their
+    strides, no copy. The forward reads the transposed x along time: T = 344 (a multiple of 8, not of
+    the tile) takes the vector loads and a partial last tile, T = 333 the element-wise fallback; the
+    backward reads it element by element (no channel pairs)."""
     from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     monkeypatch.setitem(ss.TUNING, "fwd_lanes", lanes)

@@ -54,7 +54,8 @@ STATE_SIZE, TILE = 16, 16  # kStateSize and kTile in csrc/scan_params.h
 # fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
 # 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
 # fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md);
-# bwd_blocks_per_sm 4, the backward's launch bounds, keeps one chunk (no summary pass) there too.
+# bwd_blocks_per_sm 4 is the backward's launch bounds: one chunk (no summary pass) at B x C = 8 x 4096,
+# two at 4 x 4096 (its blocks hold 64 channels).
 TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0}
 
 
@@ -165,7 +166,7 @@ def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
         return TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
 
     fwd = pick(128 // int(TUNING["fwd_lanes"]), TUNING["fwd_blocks_per_sm"])
-    bwd = pick(32, TUNING["bwd_blocks_per_sm"])
+    bwd = pick(64, TUNING["bwd_blocks_per_sm"])  # kBwdBlockChannels
     return fwd, bwd
 
 
