@@ -261,6 +261,18 @@ __device__ __forceinline__ float x_at(const XS& xs, const T (&x)[Layout<LANES>::
   else return to_float(x[i]);
 }
 
+// 2 of the k (and, kQ, q) values of the tile starting at ts, and its reset flags (8 threads per step).
+template <bool kQ, typename R>
+__device__ __forceinline__ void load_kq(const ScanParams& p, int b, int ts, int t1, R& r) {
+  const int tid = threadIdx.x, kt = ts + tid / 8;
+  const bool kok = kt < t1;
+  const size_t koff = (static_cast<size_t>(b) * p.seqlen + kt) * kN + (tid % 8) * 2;
+  r.k = kok ? *reinterpret_cast<const float2*>(p.kin + koff) : make_float2(0.f, 0.f);
+  if (kQ) r.q = kok ? *reinterpret_cast<const float2*>(p.qout + koff) : make_float2(0.f, 0.f);
+  const bool reads_reset = p.reset != nullptr && kok && (tid % 8) == 0;
+  r.rst = reads_reset ? static_cast<int>(p.reset[static_cast<size_t>(b) * p.seqlen + kt]) : 0;
+}
+
 // Loads the tile starting at ts: (t, c) elements for this thread, 2 of the tile's k and q values.
 template <int LANES, bool kXRun, bool kQ, bool kZ, bool kDy, typename T>
 __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, int t1, int cbase,
@@ -287,12 +299,7 @@ __device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, in
     if (use_z) r.z[i] = ok ? zp[di * p.z_stride[1]] : from_float<T>(0.f);
     if (kDy) r.dy[i] = ok ? gp[di * p.dy_stride[1]] : from_float<T>(0.f);
   }
-  const int kt = ts + tid / 8;
-  const bool kok = kt < t1;
-  const size_t koff = (static_cast<size_t>(b) * p.seqlen + kt) * kN + (tid % 8) * 2;
-  r.k = kok ? *reinterpret_cast<const float2*>(p.kin + koff) : make_float2(0.f, 0.f);
-  if (kQ) r.q = kok ? *reinterpret_cast<const float2*>(p.qout + koff) : make_float2(0.f, 0.f);
-  r.rst = (p.reset != nullptr && kok && (tid % 8) == 0) ? static_cast<int>(p.reset[static_cast<size_t>(b) * p.seqlen + kt]) : 0;
+  load_kq<kQ>(p, b, ts, t1, r);
 }
 
 // Writes the tile's k, k^2, q, |k|^2 and reset flags to shared memory (8 threads per step).
@@ -606,12 +613,7 @@ __device__ __forceinline__ void load_pair_tile(const ScanParams& p, int b, int t
     if (use_z) load_pair<kVec>(column<T>(p.z, p.z_stride, b, t, c), p.z_stride[2], ok0, ok1, r.z[i]);
     if (kAll) load_pair<kVec>(column<T>(p.dy, p.dy_stride, b, t, c), p.dy_stride[2], ok0, ok1, r.dy[i]);
   }
-  const int kt = ts + tid / 8;
-  const bool kok = kt < t1;
-  const size_t koff = (static_cast<size_t>(b) * p.seqlen + kt) * kN + (tid % 8) * 2;
-  r.k = kok ? *reinterpret_cast<const float2*>(p.kin + koff) : make_float2(0.f, 0.f);
-  if (kAll) r.q = kok ? *reinterpret_cast<const float2*>(p.qout + koff) : make_float2(0.f, 0.f);
-  r.rst = (p.reset != nullptr && kok && (tid % 8) == 0) ? static_cast<int>(p.reset[static_cast<size_t>(b) * p.seqlen + kt]) : 0;
+  load_kq<kAll>(p, b, ts, t1, r);
 }
 
 struct BwdSmem {
