@@ -84,8 +84,15 @@ __device__ __forceinline__ float exp2_approx(float x) {
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+// 1 / x for x >= 1 (and +inf): one MUFU.RCP. __fdividef(1, x) adds a rescaling for huge and tiny x
+// (four more instructions) that these denominators never need.
+__device__ __forceinline__ float rcp_approx(float x) {
+  float y;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ float exp_fast(float x) { return exp2_approx(x * kLog2e); }
-__device__ __forceinline__ float sigmoid_fast(float x) { return __fdividef(1.f, 1.f + exp_fast(-x)); }
+__device__ __forceinline__ float sigmoid_fast(float x) { return rcp_approx(1.f + exp_fast(-x)); }
 
 __device__ __forceinline__ void prefetch_l2(const void* p) { asm volatile("prefetch.global.L2 [%0];" ::"l"(p)); }
 
@@ -130,7 +137,7 @@ struct Longhorn {
   static constexpr bool kUsesA = false;
   __device__ static void step_size(float dt, float ksq, float& delta, float& ddt_scale) {
     const float e = exp_fast(fminf(-dt, 80.f));  // delta = sigmoid(dt) / (1 + sigmoid(dt) |k|^2)
-    delta = __fdividef(1.f, 1.f + e + ksq);
+    delta = rcp_approx(1.f + e + ksq);
     ddt_scale = e * delta * delta;
   }
   __device__ static float decay(float delta, float kk, float) { return fmaf(-delta, kk, 1.f); }
@@ -198,6 +205,27 @@ template <typename T>
 __device__ __forceinline__ const T* column(const void* base, const int64_t (&stride)[3], int b, int t, int c) {
   return static_cast<const T*>(base) + (b * stride[0] + c * stride[2] + t * stride[1]);
 }
+
+// One thread's column (b, ., c) of a (B, T, C) input (null when the input is absent), built once
+// per kernel: a tile's loads start at at(t) and step by `rows` time steps (rows: the constructor's),
+// a 64-bit add each, where indexing each element would multiply 64-bit.
+template <typename T>
+struct Column {
+  const T* base;  // element (b, 0, c)
+  int64_t tstride, step;
+  __device__ Column(const void* src, const int64_t (&stride)[3], int b, int c, int rows)
+      : base(src == nullptr ? nullptr : column<T>(src, stride, b, 0, c)), tstride(stride[1]), step(rows * stride[1]) {}
+  __device__ const T* at(int t) const { return base + t * tstride; }
+};
+
+// The columns of the per-(t, c) inputs at the thread's elementwise channel c (dy only if kDy).
+template <typename T, bool kDy>
+struct InputColumns {
+  Column<T> x, dt, z, dy;
+  __device__ InputColumns(const ScanParams& p, int b, int c, int rows)
+      : x(p.x, p.x_stride, b, c, rows), dt(p.dt, p.dt_stride, b, c, rows), z(p.z, p.z_stride, b, c, rows),
+        dy(kDy ? p.dy : nullptr, p.dy_stride, b, c, rows) {}
+};
 
 // E consecutive elements from src, in vectors of up to 16 bytes; src is aligned to the vector.
 template <typename T, int E>
@@ -274,30 +302,29 @@ __device__ __forceinline__ void load_kq(const ScanParams& p, int b, int ts, int 
 }
 
 // Loads the tile starting at ts: (t, c) elements for this thread, 2 of the tile's k and q values.
+// col: the thread's columns (at channel cbase + tid % kCh).
 template <int LANES, bool kXRun, bool kQ, bool kZ, bool kDy, typename T>
-__device__ __forceinline__ void load_tile(const ScanParams& p, int b, int ts, int t1, int cbase,
-                                          RawTile<T, Layout<LANES>::kElems>& r) {
+__device__ __forceinline__ void load_tile(const ScanParams& p, const InputColumns<T, kDy>& col, int b, int ts,
+                                          int t1, int cbase, RawTile<T, Layout<LANES>::kElems>& r) {
   using L = Layout<LANES>;
   const int tid = threadIdx.x;
-  const int c = cbase + tid % L::kCh;
-  const int row0 = tid / L::kCh;
-  const bool use_z = kZ && p.z != nullptr;
+  const bool okc = cbase + tid % L::kCh < p.channels, use_z = kZ && col.z.base != nullptr;
   // Each tensor: the thread's first element, then a fixed step between its elements.
-  const int t_first = ts + row0;
-  const T* xp = column<T>(p.x, p.x_stride, b, t_first, c);  // x: unless time-major
-  const T* dp = column<T>(p.dt, p.dt_stride, b, t_first, c);
-  const T* zp = use_z ? column<T>(p.z, p.z_stride, b, t_first, c) : nullptr;
-  const T* gp = kDy ? column<T>(p.dy, p.dy_stride, b, t_first, c) : nullptr;
+  const int t_first = ts + tid / L::kCh;
+  const T* xp = col.x.at(t_first);  // x: unless time-major
+  const T* dp = col.dt.at(t_first);
+  const T* zp = col.z.at(t_first);
+  const T* gp = col.dy.at(t_first);
   if constexpr (kXRun) load_x_run<LANES>(p, b, ts, t1, cbase, r.x);
+  const T zero = from_float<T>(0.f);
 #pragma unroll
   for (int i = 0; i < L::kElems; ++i) {
-    const int t = t_first + i * L::kRowStride;
-    const bool ok = c < p.channels && t < t1;
-    const int64_t di = i * L::kRowStride;
-    if constexpr (!kXRun) r.x[i] = ok ? xp[di * p.x_stride[1]] : from_float<T>(0.f);
-    r.dt[i] = ok ? dp[di * p.dt_stride[1]] : from_float<T>(0.f);
-    if (use_z) r.z[i] = ok ? zp[di * p.z_stride[1]] : from_float<T>(0.f);
-    if (kDy) r.dy[i] = ok ? gp[di * p.dy_stride[1]] : from_float<T>(0.f);
+    const bool ok = okc && t_first + i * L::kRowStride < t1;
+    if constexpr (!kXRun) r.x[i] = ok ? *xp : zero;
+    r.dt[i] = ok ? *dp : zero;
+    if (kZ) r.z[i] = ok && use_z ? *zp : zero;  // a predicated load, no branch
+    if (kDy) r.dy[i] = ok ? *gp : zero;
+    xp += col.x.step, dp += col.dt.step, zp += col.z.step, gp += col.dy.step;
   }
   load_kq<kQ>(p, b, ts, t1, r);
 }
@@ -380,8 +407,9 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
   for (int j = 0; j < L::kNS; ++j) h[j] = 0.f, P[j] = 1.f, Sb[j] = 0.f;
   load_a2<Tr>(p, c, s0, a2);
 
+  const InputColumns<T, kAdj> col(p, b, cbase + ecl, L::kRowStride);
   RawTile<T, L::kElems> raw;
-  load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, b, t0, t1, cbase, raw);
+  load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, col, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<kAdj>(sm.kq, raw);
     stage_x<LANES, kXRun>(sm.xs, raw.x);
@@ -405,7 +433,7 @@ __global__ void __launch_bounds__(kThreads) summary_kernel(const ScanParams p) {
       }
     }
     __syncthreads();
-    if (ts + kLt < t1) load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, b, ts + kLt, t1, cbase, raw);
+    if (ts + kLt < t1) load_tile<LANES, kXRun, kAdj, kAdj, kAdj>(p, col, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
@@ -443,7 +471,7 @@ template <int CH, bool kXRun>
 struct FwdSmem {
   KqSmem kq;
   XStage<CH, kXRun> xs;
-  float delta[kLt][CH], dxv[kLt][CH], x[kLt][CH], gate[kLt][CH];
+  float delta[kLt][CH], dxv[kLt][CH], x[kLt][CH];
   float y[kThreads / CH][kLt][CH];  // partial readouts, one per state group
 };
 
@@ -461,12 +489,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
   load_entry_state(p, b, chunk, c, s0, h);
   load_a2<Tr>(p, c, s0, a2);
 
+  const InputColumns<T, false> col(p, b, ec, L::kRowStride);
+  T* const y_out = static_cast<T*>(p.y) + static_cast<size_t>(b) * p.seqlen * p.channels + ec;
   RawTile<T, L::kElems> raw;
-  load_tile<LANES, kXRun, true, true, false>(p, b, t0, t1, cbase, raw);
+  load_tile<LANES, kXRun, true, true, false>(p, col, b, t0, t1, cbase, raw);
   for (int ts = t0; ts < t1; ts += kLt) {
     stage_kq<true>(sm.kq, raw);
     stage_x<LANES, kXRun>(sm.xs, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
+    float skip[L::kElems], gates[L::kElems];  // D x and SiLU(z) of the thread's elements, for its y
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
       const int row = erow + i * L::kRowStride;
@@ -483,10 +514,11 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
       sm.delta[row][ecl] = delta;
       sm.dxv[row][ecl] = delta * x;
       sm.x[row][ecl] = x;
-      sm.gate[row][ecl] = gate;
+      skip[i] = Dc * x;
+      gates[i] = gate;
     }
     __syncthreads();
-    if (ts + kLt < t1) load_tile<LANES, kXRun, true, true, false>(p, b, ts + kLt, t1, cbase, raw);
+    if (ts + kLt < t1) load_tile<LANES, kXRun, true, true, false>(p, col, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
       constexpr bool kRst = decltype(rst_c)::value;
 #pragma unroll 4
@@ -517,15 +549,15 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
       }
     });
     __syncthreads();
+    T* const y_row = y_out + static_cast<int64_t>(ts + erow) * p.channels;
 #pragma unroll
     for (int i = 0; i < L::kElems; ++i) {
-      const int row = erow + i * L::kRowStride, t = ts + row;
-      if (ec < p.channels && t < t1) {
-        float y = Dc * sm.x[row][ecl];
+      const int row = erow + i * L::kRowStride;
+      if (ec < p.channels && ts + row < t1) {
+        float y = skip[i];
 #pragma unroll
         for (int g = 0; g < LANES; ++g) y += sm.y[g][row][ecl];
-        y *= sm.gate[row][ecl];
-        static_cast<T*>(p.y)[(static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec] = from_float<T>(y);
+        y_row[static_cast<int64_t>(i * L::kRowStride) * p.channels] = from_float<T>(y * gates[i]);
       }
     }
   }
@@ -600,18 +632,21 @@ __device__ __forceinline__ void store_pair(T* dst, bool ok0, bool ok1, float v0,
 // Loads the tile starting at ts: the elementwise role's (row, channel pair) elements and 2 of the
 // tile's k and q values (kAll: also z, dy and q, which sweep 1 does not need).
 template <bool kVec, bool kAll, typename T>
-__device__ __forceinline__ void load_pair_tile(const ScanParams& p, int b, int ts, int t1, int cbase, PairTile<T>& r) {
+__device__ __forceinline__ void load_pair_tile(const ScanParams& p, const InputColumns<T, true>& col, int b, int ts,
+                                               int t1, int cbase, PairTile<T>& r) {
   const int tid = threadIdx.x;
-  const int c = cbase + 2 * (tid % kBwdPairs), row0 = tid / kBwdPairs;
-  const bool c0 = c < p.channels, c1 = c + 1 < p.channels, use_z = kAll && p.z != nullptr;
+  const int c = cbase + 2 * (tid % kBwdPairs), t_first = ts + tid / kBwdPairs;
+  const bool c0 = c < p.channels, c1 = c + 1 < p.channels, use_z = kAll && col.z.base != nullptr;
+  const T *xp = col.x.at(t_first), *dp = col.dt.at(t_first), *zp = col.z.at(t_first), *gp = col.dy.at(t_first);
 #pragma unroll
   for (int i = 0; i < kBwdRows; ++i) {
-    const int t = ts + row0 + i * (kThreads / kBwdPairs);
+    const int t = t_first + i * (kThreads / kBwdPairs);
     const bool ok0 = c0 && t < t1, ok1 = c1 && t < t1;
-    load_pair<kVec>(column<T>(p.x, p.x_stride, b, t, c), p.x_stride[2], ok0, ok1, r.x[i]);
-    load_pair<kVec>(column<T>(p.dt, p.dt_stride, b, t, c), p.dt_stride[2], ok0, ok1, r.dt[i]);
-    if (use_z) load_pair<kVec>(column<T>(p.z, p.z_stride, b, t, c), p.z_stride[2], ok0, ok1, r.z[i]);
-    if (kAll) load_pair<kVec>(column<T>(p.dy, p.dy_stride, b, t, c), p.dy_stride[2], ok0, ok1, r.dy[i]);
+    load_pair<kVec>(xp, p.x_stride[2], ok0, ok1, r.x[i]);
+    load_pair<kVec>(dp, p.dt_stride[2], ok0, ok1, r.dt[i]);
+    if (kAll) load_pair<kVec>(zp, p.z_stride[2], ok0 && use_z, ok1 && use_z, r.z[i]);
+    if (kAll) load_pair<kVec>(gp, p.dy_stride[2], ok0, ok1, r.dy[i]);
+    xp += col.x.step, dp += col.dt.step, zp += col.z.step, gp += col.dy.step;
   }
   load_kq<kAll>(p, b, ts, t1, r);
 }
@@ -674,6 +709,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
   const int ntiles = (t1 - t0 + kLt - 1) / kLt, tile0 = t0 / kLt;
   const bool use_z = p.z != nullptr;
 
+  const InputColumns<T, true> col(p, b, ec, kThreads / kBwdPairs);
   float h[2][NS], a2[2][NS];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
@@ -743,14 +779,14 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
 
   // Sweep 1: forward through the chunk, checkpointing h every kBwdPart steps.
   PairTile<T> raw;
-  load_pair_tile<kVec, false>(p, b, t0, t1, cbase, raw);
+  load_pair_tile<kVec, false>(p, col, b, t0, t1, cbase, raw);
   for (int it = 0; it < ntiles; ++it) {
     const int ts = t0 + it * kLt;
     stage_kq<false>(sm.kq, raw);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
     stage_elements(raw, ts, std::false_type{});
     __syncthreads();
-    if (it + 1 < ntiles) load_pair_tile<kVec, false>(p, b, ts + kLt, t1, cbase, raw);
+    if (it + 1 < ntiles) load_pair_tile<kVec, false>(p, col, b, ts + kLt, t1, cbase, raw);
     with_resets(tile_rst, [&](auto rst_c) {
 #pragma unroll 1
       for (int part = 0; part < kBwdPartsPerTile; ++part) {
@@ -776,7 +812,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
   }
   const float D0 = e0 ? p.D[ec] : 0.f, D1 = e1 ? p.D[ec + 1] : 0.f;
   float dD0 = 0.f, dD1 = 0.f;
-  load_pair_tile<kVec, true>(p, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+  load_pair_tile<kVec, true>(p, col, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
   // The checkpoint of the next part to run (they run from the last), loaded one part ahead.
   const float4* ck_src = bwd_ckpt(p, b, tile0 + ntiles - 1, kBwdPartsPerTile - 1, tid);
   float4 ck[2] = {ck_src[0], ck_src[1]};
@@ -787,7 +823,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
     stage_elements(raw, ts, std::true_type{});
     __syncthreads();
     if (it > 0) {
-      load_pair_tile<kVec, true>(p, b, ts - kLt, t1, cbase, raw);
+      load_pair_tile<kVec, true>(p, col, b, ts - kLt, t1, cbase, raw);
       // The previous tile's checkpoints into L2: the loads of ck below then wait on L2, not DRAM,
       // and hold no registers early (at 128 registers the compiler moves them next to their use).
 #pragma unroll
@@ -864,6 +900,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
 
     // Per-(t, c) gradients (elementwise role); the |k|^2 term of Longhorn is summed over the block's channels.
     float dkr[kBwdRows];
+    const size_t off0 = (static_cast<size_t>(b) * p.seqlen + ts + erow) * p.channels + ec;  // dx, ddt, dz: contiguous
 #pragma unroll
     for (int i = 0; i < kBwdRows; ++i) {
       const int row = erow + i * (kThreads / kBwdPairs), t = ts + row;
@@ -889,7 +926,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
       }
       dD0 = fmaf(gs[0], xs[0], dD0), dD1 = fmaf(gs[1], xs[1], dD1);  // gy is 0 outside too
       dkr[i] = dk;
-      const size_t off = (static_cast<size_t>(b) * p.seqlen + t) * p.channels + ec;
+      const size_t off = off0 + static_cast<size_t>(i * (kThreads / kBwdPairs)) * p.channels;
       store_pair<kVec>(static_cast<T*>(p.dx) + off, okt && e0, okt && e1, dx[0], dx[1]);
       store_pair<kVec>(static_cast<T*>(p.ddt) + off, okt && e0, okt && e1, ddt[0], ddt[1]);
       if (use_z) store_pair<kVec>(static_cast<T*>(p.dz) + off, okt && e0, okt && e1, dz[0], dz[1]);
