@@ -41,6 +41,24 @@ def test_missing_sources_are_an_error_not_a_fallback(tmp_path: Path, monkeypatch
         cuda.is_available.__wrapped__()
 
 
+@pytest.mark.parametrize(("batch", "seqlen", "lanes", "chunks"), [
+    (8, 2048, 2, (2048, 2048)),  # the 1.3B step: 512 blocks of 64 channels fill 132 SMs in one chunk
+    (4, 2048, 4, (2048, 1024)),  # 64-channel blocks would need two chunks; 32-channel ones need one
+    (1, 32768, 4, (8192, 4096)),
+])
+def test_forward_lanes_follow_the_chunks(batch: int, seqlen: int, lanes: int, chunks: tuple[int, int],
+                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """fwd_lanes 0 (the default) takes 2 lanes, 64 channels a block, only where those blocks alone
+    fill the GPU: on a 132-SM H200 at C = 4096."""
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda _: type("P", (), {"multi_processor_count": 132}))
+    assert cuda.TUNING["fwd_lanes"] == 0
+    assert (cuda.fwd_lanes(batch, seqlen, 4096), cuda.chunk_lengths(batch, seqlen, 4096)) == (lanes, chunks)
+    monkeypatch.setitem(cuda.TUNING, "fwd_lanes", 4)  # a fixed setting wins
+    assert cuda.fwd_lanes(8, 2048, 4096) == 4
+    assert cuda.chunk_lengths(8, 2048, 4096) == (2048, 2048)
+
+
 def _nvcc_top() -> Path:
     """The toolkit root that nvcc itself uses (nvcc may be a wrapper script)."""
     out = subprocess.run(

@@ -32,8 +32,8 @@ from torch import Tensor
 
 from longhorn_zoo.ops import Backend, ScanOp
 
-__all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "TUNING",
-           "MissingSourcesError", "source_files"]
+__all__ = ["load_extension", "is_available", "longhorn_backend", "mamba_backend", "chunk_lengths", "fwd_lanes",
+           "TUNING", "MissingSourcesError", "source_files"]
 
 
 def _csrc() -> Path:
@@ -50,13 +50,15 @@ HEADERS = ("scan_params.h", "selective_scan.cuh")
 LONGHORN, MAMBA = 0, 1
 STATE_SIZE, TILE = 16, 16  # kStateSize and kTile in csrc/scan_params.h
 
-# Launch shape. fwd_lanes: threads sharing one channel's 16 states in the forward (2 or 4).
+# Launch shape. fwd_lanes: threads sharing one channel's 16 states in the forward (2 or 4; 0 picks
+# per call: 2, whose blocks hold 64 channels, where those blocks fill the GPU in one chunk, as at
+# B x C = 8 x 4096, where it measured 12% faster; else 4, which keeps B x C = 4 x 4096 in one chunk).
 # fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
 # 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
 # fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md);
 # bwd_blocks_per_sm 4 is the backward's launch bounds: one chunk (no summary pass) at B x C = 8 x 4096,
 # two at 4 x 4096 (its blocks hold 64 channels).
-TUNING: dict[str, float] = {"fwd_lanes": 4, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0}
+TUNING: dict[str, float] = {"fwd_lanes": 0, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0}
 
 
 class MissingSourcesError(RuntimeError):
@@ -156,17 +158,30 @@ def is_available() -> bool:
     return True
 
 
+def _nchunks(batch: int, seqlen: int, channels: int, channels_per_block: int, blocks_per_sm: float) -> int:
+    """Time chunks that bring the blocks of this many channels to about blocks_per_sm per SM."""
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    blocks = batch * math.ceil(channels / channels_per_block)
+    return max(1, min(math.ceil(seqlen / TILE), round(blocks_per_sm * sms / max(blocks, 1))))
+
+
+def fwd_lanes(batch: int, seqlen: int, channels: int) -> int:
+    """The forward's threads per channel: TUNING's, or where that is 0, 2 if its blocks (64 channels)
+    fill the GPU in one chunk, else 4 (32 channels a block)."""
+    if TUNING["fwd_lanes"]:
+        return int(TUNING["fwd_lanes"])
+    return 2 if _nchunks(batch, seqlen, channels, 64, TUNING["fwd_blocks_per_sm"]) == 1 else 4
+
+
 def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
     """(forward, backward) chunk lengths in steps: enough chunks to fill the GPU, multiples of the tile."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
 
-    def pick(channels_per_block: int, blocks_per_sm: float) -> int:
-        blocks = batch * math.ceil(channels / channels_per_block)
-        nchunks = max(1, min(math.ceil(seqlen / TILE), round(blocks_per_sm * sms / max(blocks, 1))))
+    def length(nchunks: int) -> int:
         return TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
 
-    fwd = pick(128 // int(TUNING["fwd_lanes"]), TUNING["fwd_blocks_per_sm"])
-    bwd = pick(64, TUNING["bwd_blocks_per_sm"])  # kBwdBlockChannels
+    fwd_channels = 128 // fwd_lanes(batch, seqlen, channels)
+    fwd = length(_nchunks(batch, seqlen, channels, fwd_channels, TUNING["fwd_blocks_per_sm"]))
+    bwd = length(_nchunks(batch, seqlen, channels, 64, TUNING["bwd_blocks_per_sm"]))  # kBwdBlockChannels
     return fwd, bwd
 
 
@@ -195,7 +210,8 @@ def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, T
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
     fwd_len, _ = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
-    y, hT = load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, int(TUNING["fwd_lanes"]), fwd_len)
+    lanes = fwd_lanes(x.shape[0], x.shape[1], x.shape[2])
+    y, hT = load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, lanes, fwd_len)
     return y, hT
 
 
