@@ -91,6 +91,11 @@ __device__ __forceinline__ float rcp_approx(float x) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+__device__ __forceinline__ float lg2_approx(float x) {
+  float y;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+  return y;
+}
 __device__ __forceinline__ float exp_fast(float x) { return exp2_approx(x * kLog2e); }
 __device__ __forceinline__ float sigmoid_fast(float x) { return rcp_approx(1.f + exp_fast(-x)); }
 
@@ -157,9 +162,15 @@ struct Longhorn {
 struct Mamba {
   static constexpr bool kUsesKsq = false;
   static constexpr bool kUsesA = true;
+  // delta = softplus(dt) = max(dt, 0) + log1p(e), ddt_scale = sigmoid(dt), both from e = exp(-|dt|)
+  // (log1pf and a second exp took about 40 instructions): log1p(e) is its series to e^5 where
+  // e < 1/16 (relative error below e^5 / 6), else ln 2 * lg2(1 + e) (lg2.approx: absolute error
+  // about 2^-22 on [1, 2], relative below 3e-6 there).
   __device__ static void step_size(float dt, float, float& delta, float& ddt_scale) {
-    delta = dt > 20.f ? dt : log1pf(exp_fast(dt));  // softplus
-    ddt_scale = sigmoid_fast(dt);
+    const float e = exp2_approx(-fabsf(dt) * kLog2e), u = 1.f + e, r = rcp_approx(u);
+    const float series = e * fmaf(e, fmaf(e, fmaf(e, fmaf(e, 0.2f, -0.25f), 1.f / 3.f), -0.5f), 1.f);
+    delta = fmaxf(dt, 0.f) + (e < 0.0625f ? series : kLn2 * lg2_approx(u));
+    ddt_scale = dt >= 0.f ? r : e * r;
   }
   // a2 = A * log2(e), so a = exp(delta * A) = 2^(delta * a2)
   __device__ static float decay(float delta, float, float a2) { return exp2_approx(delta * a2); }
