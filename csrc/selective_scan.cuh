@@ -91,6 +91,7 @@ __device__ __forceinline__ float rcp_approx(float x) {
   asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
   return y;
 }
+// log2(x): one MUFU.LG2.
 __device__ __forceinline__ float lg2_approx(float x) {
   float y;
   asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
@@ -217,9 +218,9 @@ __device__ __forceinline__ const T* column(const void* base, const int64_t (&str
   return static_cast<const T*>(base) + (b * stride[0] + c * stride[2] + t * stride[1]);
 }
 
-// One thread's column (b, ., c) of a (B, T, C) input (null when the input is absent), built once
-// per kernel: a tile's loads start at at(t) and step by `rows` time steps (rows: the constructor's),
-// a 64-bit add each, where indexing each element would multiply 64-bit.
+// One thread's column (b, ., c) of a (B, T, C) input (base null where the input is absent), built
+// once per kernel. A tile's loads start at at(t) and move `rows` steps at a time by adding `step`:
+// a 64-bit add per element, where indexing each element would multiply.
 template <typename T>
 struct Column {
   const T* base;  // element (b, 0, c)
