@@ -158,31 +158,40 @@ def is_available() -> bool:
     return True
 
 
-def _nchunks(batch: int, seqlen: int, channels: int, channels_per_block: int, blocks_per_sm: float) -> int:
+def _sms() -> int:
+    return torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+
+
+def _nchunks(batch: int, seqlen: int, channels: int, channels_per_block: int, blocks_per_sm: float, sms: int) -> int:
     """Time chunks that bring the blocks of this many channels to about blocks_per_sm per SM."""
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
     blocks = batch * math.ceil(channels / channels_per_block)
     return max(1, min(math.ceil(seqlen / TILE), round(blocks_per_sm * sms / max(blocks, 1))))
 
 
+def _chunk_length(seqlen: int, nchunks: int) -> int:
+    return TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
+
+
+def _fwd_launch(batch: int, seqlen: int, channels: int, sms: int) -> tuple[int, int]:
+    """The forward's (threads per channel, chunk length). Threads per channel: TUNING's, or where that
+    is 0, 2 if its blocks (64 channels) fill the GPU in one chunk, else 4 (32 channels a block)."""
+    lanes = int(TUNING["fwd_lanes"])
+    if not lanes:
+        lanes = 2 if _nchunks(batch, seqlen, channels, 64, TUNING["fwd_blocks_per_sm"], sms) == 1 else 4
+    nchunks = _nchunks(batch, seqlen, channels, 128 // lanes, TUNING["fwd_blocks_per_sm"], sms)
+    return lanes, _chunk_length(seqlen, nchunks)
+
+
 def fwd_lanes(batch: int, seqlen: int, channels: int) -> int:
-    """The forward's threads per channel: TUNING's, or where that is 0, 2 if its blocks (64 channels)
-    fill the GPU in one chunk, else 4 (32 channels a block)."""
-    if TUNING["fwd_lanes"]:
-        return int(TUNING["fwd_lanes"])
-    return 2 if _nchunks(batch, seqlen, channels, 64, TUNING["fwd_blocks_per_sm"]) == 1 else 4
+    """The forward's threads per channel at this shape (see TUNING)."""
+    return _fwd_launch(batch, seqlen, channels, _sms())[0]
 
 
 def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
     """(forward, backward) chunk lengths in steps: enough chunks to fill the GPU, multiples of the tile."""
-
-    def length(nchunks: int) -> int:
-        return TILE * math.ceil(math.ceil(max(seqlen, 1) / nchunks) / TILE)
-
-    fwd_channels = 128 // fwd_lanes(batch, seqlen, channels)
-    fwd = length(_nchunks(batch, seqlen, channels, fwd_channels, TUNING["fwd_blocks_per_sm"]))
-    bwd = length(_nchunks(batch, seqlen, channels, 64, TUNING["bwd_blocks_per_sm"]))  # kBwdBlockChannels
-    return fwd, bwd
+    sms = _sms()
+    bwd = _nchunks(batch, seqlen, channels, 64, TUNING["bwd_blocks_per_sm"], sms)  # kBwdBlockChannels
+    return _fwd_launch(batch, seqlen, channels, sms)[1], _chunk_length(seqlen, bwd)
 
 
 def _supported(x: Tensor, kin: Tensor) -> bool:
@@ -209,8 +218,7 @@ def _prep(x: Tensor, dt: Tensor, kin: Tensor, qout: Tensor, D: Tensor, z: Tensor
 def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, Tensor]:
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
-    fwd_len, _ = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
-    lanes = fwd_lanes(x.shape[0], x.shape[1], x.shape[2])
+    lanes, fwd_len = _fwd_launch(x.shape[0], x.shape[1], x.shape[2], _sms())
     y, hT = load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, lanes, fwd_len)
     return y, hT
 
