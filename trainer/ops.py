@@ -5,13 +5,15 @@ type annotations (``Tensor``, ``Tensor | None``, ``float``, ``int``, ``bool``) t
 returns a tuple of fresh tensors. :func:`define_scan_op` turns it into a custom op
 that
 
-* runs the reference on every device (CPU, and CUDA when no fast kernel exists);
+* runs the reference on every device where no fast backend is selected (CPU and CUDA
+  backends dispatch through it);
 * has autograd: the backward pass is the vector-Jacobian product of the reference
   (``torch.func.vjp``), unless a fast backend supplies its own backward;
 * has a fake (meta) implementation, so ``torch.compile(fullgraph=True)`` treats
   the op as one opaque node with no graph break;
 * can take fast backends later (:meth:`ScanOp.register_backend`), for example a
-  CUDA extension or Triton kernels, without changing any caller;
+  CUDA extension or Triton kernels, without changing any caller; a backend may
+  keep one tensor of its own from its forward for its backward (a *residual*);
 * carries tiny example inputs (``example_inputs``) on which the conformance suite
   (:mod:`longhorn_zoo.conformance`) runs gradcheck and ``torch.library.opcheck``.
 
@@ -94,6 +96,13 @@ class Backend:
             and ``grads`` one entry per argument (None where not differentiable).
             It must itself be traceable by ``torch.compile`` (call a custom op).
             If None, the reference's VJP is used for the backward pass.
+        residual: Optional. ``residual(*args) -> Tensor``: an empty tensor of the
+            shape, dtype and device of one extra tensor that ``forward`` computes
+            for ``backward`` (say, states it would otherwise recompute); it must
+            work on fake tensors (it serves the op's fake). With it, ``forward``
+            returns the op's outputs followed by that tensor, and ``backward``
+            gets it after the outputs: ``outputs[-1]``. It is empty (no elements)
+            when the forward that ran was not this backend's.
     """
 
     name: str
@@ -101,12 +110,25 @@ class Backend:
     is_available: Callable[[], bool]
     forward: Callable[..., tuple[Tensor, ...]]
     backward: BackwardFn | None = None
+    residual: Callable[..., Tensor] | None = None
+
+
+def _with_residual(schema: str) -> str:
+    """The schema with one more Tensor result, the backend's residual."""
+    args, returns = schema.rsplit(" -> ", 1)
+    while returns.startswith("(") and returns.endswith(")"):  # "(Tensor, Tensor)"; a 1-tuple is "((Tensor))"
+        returns = returns[1:-1]
+    return f"{args} -> ({returns}, Tensor)"
 
 
 class ScanOp:
     """A scan op: a custom op, its reference function and its fast backends.
 
     Call it like the reference function. Create it with :func:`define_scan_op`.
+
+    The custom op itself (``self.op``) returns the reference's results plus one
+    tensor: the selected backend's residual (see :class:`Backend`), empty when
+    that backend keeps none or the reference ran. Calling the ScanOp drops it.
     """
 
     def __init__(
@@ -121,14 +143,26 @@ class ScanOp:
         self.example_inputs = example_inputs
         self.backends: list[Backend] = []
         self._params = list(inspect.signature(reference).parameters)
-        self.op = torch.library.custom_op(qualname, mutates_args=())(reference)
-        self.op.register_fake(fake)
-        self.op.register_kernel("cuda")(self._dispatch)
+        schema = _with_residual(torch.library.infer_schema(reference, mutates_args=()))
+
+        def reference_and_no_residual(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+            return (*reference(*args, **kwargs), _no_residual(args))
+
+        def fake_and_residual(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
+            backend = self.select_backend(self._device_type(args))
+            if backend is not None and backend.residual is not None:
+                return (*fake(*args, **kwargs), backend.residual(*args, **kwargs))
+            return (*fake(*args, **kwargs), _no_residual(args))
+
+        self.op = torch.library.custom_op(qualname, reference_and_no_residual, mutates_args=(), schema=schema)
+        self.op.register_fake(fake_and_residual)
+        for device_type in ("cpu", "cuda"):  # the reference unless a backend for the device is selected
+            self.op.register_kernel(device_type)(self._dispatch)
         self.op.register_autograd(self._backward, setup_context=self._setup_context)
         _SCAN_OP_NAMES.add(qualname)
 
     def __call__(self, *args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
-        return self.op(*args, **kwargs)
+        return self.op(*args, **kwargs)[:-1]
 
     def __repr__(self) -> str:
         return f"ScanOp({self.qualname}, backends={self.available_backends()})"
@@ -174,8 +208,10 @@ class ScanOp:
     def _dispatch(self, *args: Any) -> tuple[Tensor, ...]:
         backend = self.select_backend(self._device_type(args))
         if backend is None:
-            return self.reference(*args)
-        return backend.forward(*args)
+            return (*self.reference(*args), _no_residual(args))
+        if backend.residual is None:
+            return (*backend.forward(*args), _no_residual(args))
+        return tuple(backend.forward(*args))
 
     def _setup_context(self, ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
         tensor_idx = [i for i, a in enumerate(inputs) if isinstance(a, Tensor)]
@@ -190,11 +226,12 @@ class ScanOp:
         inputs = list(ctx.inputs_template)
         for j, i in enumerate(ctx.tensor_idx):
             inputs[i] = saved[j]
-        outputs = tuple(saved[n_in:])
+        outputs = tuple(saved[n_in:])  # the results, then the residual
+        grads = grads[:-1]  # the residual's (None: nothing outside the op sees it)
         backend = self.select_backend(self._device_type(inputs))
         if backend is not None and backend.backward is not None:
-            return tuple(backend.backward(tuple(inputs), outputs, grads))
-        return self._reference_vjp(inputs, outputs, grads)
+            return tuple(backend.backward(tuple(inputs), outputs if backend.residual else outputs[:-1], grads))
+        return self._reference_vjp(inputs, outputs[:-1], grads)
 
     def _reference_vjp(
         self, inputs: list[Any], outputs: tuple[Tensor, ...], grads: tuple[Tensor | None, ...]
@@ -214,6 +251,12 @@ class ScanOp:
         for i, g in zip(diff, diff_grads):
             result[i] = g
         return tuple(result)
+
+
+def _no_residual(args: Sequence[Any]) -> Tensor:
+    """The residual of a forward that keeps none: an empty float32 tensor on the inputs' device."""
+    device = next((a.device for a in args if isinstance(a, Tensor)), torch.device("cpu"))
+    return torch.empty(0, dtype=torch.float32, device=device)
 
 
 def define_scan_op(
