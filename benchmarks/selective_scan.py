@@ -63,14 +63,18 @@ def sweep(b: int, t: int) -> Iterator[str]:
 
     saved = dict(ss.TUNING)
     try:
-        settings = [(4, fwd_blocks, 4.0) for fwd_blocks in (1.0, 2.0, 4.0, 8.0, 16.0)]
-        settings += [(2, fwd_blocks, 4.0) for fwd_blocks in (2.0, 8.0)]
+        settings = [(4, fwd_blocks, 4.0, 1) for fwd_blocks in (1.0, 2.0, 4.0, 8.0, 16.0)]
+        settings += [(2, fwd_blocks, 4.0, 1) for fwd_blocks in (2.0, 8.0)]
         # the backward in 1 and 4 chunks at B x C = 4 x 4096 (the default, 4 blocks/SM, makes 2 of 64-channel blocks)
-        settings += [(4, 4.0, bwd_blocks) for bwd_blocks in (2.0, 8.0)]
-        for lanes, fwd_blocks, bwd_blocks in settings:
-            ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks)
+        settings += [(4, 4.0, bwd_blocks, 1) for bwd_blocks in (2.0, 8.0)]
+        # the default's chunks with a summary pass in the backward instead of the forward's entry states
+        settings += [(0, 4.0, 4.0, 0)]
+        for lanes, fwd_blocks, bwd_blocks, entry in settings:
+            ss.TUNING.update(fwd_lanes=lanes, fwd_blocks_per_sm=fwd_blocks, bwd_blocks_per_sm=bwd_blocks,
+                             entry_states=entry)
             chunks = ss.chunk_lengths(b, t, CHANNELS)
-            yield f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} chunks {chunks}"
+            yield (f"fwd_lanes {lanes} fwd_blocks/SM {fwd_blocks:.0f} bwd_blocks/SM {bwd_blocks:.0f} "
+                   f"entry_states {entry} chunks {chunks}")
     finally:
         ss.TUNING.clear()
         ss.TUNING.update(saved)

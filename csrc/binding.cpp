@@ -111,18 +111,31 @@ at::Tensor workspace(const at::Tensor& x, const ss::ScanParams& p) {
 
 }  // namespace
 
-// Returns (y, hT).
+// Returns (y, hT, entry_states): entry_states (B, ceil(T / entry_len), C, N) holds the state entering
+// steps 0, entry_len, 2 entry_len, ... (the backward's chunks of entry_len steps), or is empty when
+// entry_len is 0 or covers T.
 std::vector<at::Tensor> scan_fwd(int64_t kind, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& kin,
                                  const at::Tensor& qout, const std::optional<at::Tensor>& A, const at::Tensor& D,
                                  const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& h0,
-                                 const std::optional<at::Tensor>& reset, int64_t fwd_lanes, int64_t chunk_len) {
+                                 const std::optional<at::Tensor>& reset, int64_t fwd_lanes, int64_t chunk_len,
+                                 int64_t entry_len) {
   const c10::cuda::CUDAGuard guard(x.device());
   ss::ScanParams p = make_params(kind, x, dt, kin, qout, A, D, z, h0, reset, chunk_len);
+  TORCH_CHECK(entry_len >= 0 && entry_len % ss::kTile == 0, "selective scan: entry_len must be a multiple of ",
+              ss::kTile);
   at::Tensor y = new_btc(x);
   at::Tensor hT = h0 ? at::empty_like(*h0) : at::zeros({p.batch, p.channels, ss::kStateSize}, x.options().dtype(at::kFloat));
+  const int64_t n_entry = entry_len > 0 ? (p.seqlen + entry_len - 1) / entry_len : 0;
+  at::Tensor entry = n_entry > 1 ? at::empty({p.batch, n_entry, p.channels, ss::kStateSize}, x.options().dtype(at::kFloat))
+                                 : at::empty({0}, x.options().dtype(at::kFloat));
   if (p.seqlen == 0) {
     if (h0) hT.copy_(*h0);
-    return {y, hT};
+    return {y, hT, entry};
+  }
+  if (n_entry > 1) {
+    p.entry_states = entry.data_ptr<float>();
+    p.entry_len = static_cast<int>(entry_len);
+    p.n_entry = static_cast<int>(n_entry);
   }
   at::Tensor P, S, H;
   if (p.nchunks > 1) {
@@ -133,15 +146,16 @@ std::vector<at::Tensor> scan_fwd(int64_t kind, const at::Tensor& x, const at::Te
   p.hT = hT.data_ptr<float>();
   check_launch(kind == kLonghorn ? ss::longhorn_scan_fwd(p, static_cast<int>(fwd_lanes))
                                  : ss::mamba_scan_fwd(p, static_cast<int>(fwd_lanes)));
-  return {y, hT};
+  return {y, hT, entry};
 }
 
 // Returns (dx, ddt, dkin, dqout, dA, dD, dz, dh0); dA is empty for Longhorn, dz empty without z.
+// entry_states: the forward's, for chunks of chunk_len steps (then no summary pass runs), or None.
 std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Tensor& dt, const at::Tensor& kin,
                                  const at::Tensor& qout, const std::optional<at::Tensor>& A, const at::Tensor& D,
                                  const std::optional<at::Tensor>& z, const std::optional<at::Tensor>& h0,
                                  const std::optional<at::Tensor>& reset, const at::Tensor& dy, const at::Tensor& dhT,
-                                 int64_t chunk_len) {
+                                 int64_t chunk_len, const std::optional<at::Tensor>& entry_states) {
   const c10::cuda::CUDAGuard guard(x.device());
   ss::ScanParams p = make_params(kind, x, dt, kin, qout, A, D, z, h0, reset, chunk_len);
   check(dy, "dy", {p.batch, p.seqlen, p.channels}, x.scalar_type(), false);
@@ -161,9 +175,16 @@ std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Te
   }
   at::Tensor P, S, Sb, H, R;
   if (p.nchunks > 1) {
-    P = workspace(x, p), S = workspace(x, p), Sb = workspace(x, p), H = workspace(x, p), R = workspace(x, p);
-    p.ws_P = P.data_ptr<float>(), p.ws_S = S.data_ptr<float>(), p.ws_Sb = Sb.data_ptr<float>();
-    p.ws_H = H.data_ptr<float>(), p.ws_R = R.data_ptr<float>();
+    P = workspace(x, p), Sb = workspace(x, p), R = workspace(x, p);
+    p.ws_P = P.data_ptr<float>(), p.ws_Sb = Sb.data_ptr<float>(), p.ws_R = R.data_ptr<float>();
+    if (entry_states) {
+      check(*entry_states, "entry_states", {p.batch, p.nchunks, p.channels, ss::kStateSize}, at::kFloat);
+      p.ws_H = const_cast<float*>(entry_states->data_ptr<float>());  // read only
+      p.entry_states_given = true;
+    } else {
+      S = workspace(x, p), H = workspace(x, p);
+      p.ws_S = S.data_ptr<float>(), p.ws_H = H.data_ptr<float>();
+    }
   }
   at::Tensor ckpt = at::empty({ss::bwd_ckpt_floats(p)}, f32);
   p.ws_ckpt = ckpt.data_ptr<float>();
@@ -185,7 +206,7 @@ std::vector<at::Tensor> scan_bwd(int64_t kind, const at::Tensor& x, const at::Te
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "Chunked selective-scan kernels (Longhorn, Mamba-1), forward and backward";
-  m.def("scan_fwd", &scan_fwd, "Selective scan forward: (y, final_state)");
+  m.def("scan_fwd", &scan_fwd, "Selective scan forward: (y, final_state, entry_states)");
   m.def("scan_bwd", &scan_bwd, "Selective scan backward: (dx, ddt, dkin, dqout, dA, dD, dz, dh0)");
   m.attr("STATE_SIZE") = ss::kStateSize;
   m.attr("TILE") = ss::kTile;

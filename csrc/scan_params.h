@@ -71,6 +71,14 @@ struct ScanParams {
   float* ws_Sb = nullptr;
   float* ws_H = nullptr;
   float* ws_R = nullptr;
+  // Backward: ws_H already holds the state entering each chunk (the forward's entry_states), so the
+  // backward needs no summary pass: its first sweep sums each chunk's P and Sb as it runs.
+  bool entry_states_given = false;
+
+  // Forward, optional: the state entering every entry_len steps (t = 0, entry_len, ...), the backward's
+  // chunk starts, written to entry_states, (B, n_entry, C, N) float32.
+  float* entry_states = nullptr;
+  int entry_len = 0, n_entry = 0;
   // Backward only: h every kBwdCheckpointSteps steps, two float4 per thread of each backward block,
   // (B, ceil(T / kTile), kTile / kBwdCheckpointSteps, ceil(C / kBwdBlockChannels), kBlockThreads, 2)
   // float4 (bwd_ckpt in selective_scan.cuh): 16 bytes per (b, t, channel).
@@ -79,10 +87,11 @@ struct ScanParams {
   cudaStream_t stream = nullptr;
 };
 
-// Forward: y and hT. fwd_lanes (2 or 4) threads share one channel's states.
+// Forward: y and hT (and entry_states, when given). fwd_lanes (2 or 4) threads share one channel's states.
 cudaError_t longhorn_scan_fwd(const ScanParams& p, int fwd_lanes);
 cudaError_t mamba_scan_fwd(const ScanParams& p, int fwd_lanes);
-// Backward: dx, ddt, dz, dkin, dqout, dK, dA, dD, dh0. Needs ws_ckpt (bwd_ckpt_floats).
+// Backward: dx, ddt, dz, dkin, dqout, dK, dA, dD, dh0. Needs ws_ckpt (bwd_ckpt_floats); in chunks, ws_P,
+// ws_Sb, ws_R, and ws_H with ws_S (a summary pass) or the given entry states.
 cudaError_t longhorn_scan_bwd(const ScanParams& p);
 cudaError_t mamba_scan_bwd(const ScanParams& p);
 // Chunk carries: ws_H from (h0, ws_P, ws_S) when fwd, ws_R from (dhT, ws_P, ws_Sb) when bwd.

@@ -20,6 +20,10 @@
 //   2. scan_combine: the state entering each chunk, H_j = P_{j-1} H_{j-1} + S_{j-1}, and the
 //      adjoint entering each chunk from the right, R_{j-1} = Sb_j + P_j R_j;
 //   3. fwd_kernel / bwd_kernel rerun each chunk from H_j (and R_j).
+// The forward also writes the state entering each of the backward's chunks (entry_states; its chunks
+// are not the forward's). Given those, the backward skips step 1: its first sweep, which runs each
+// chunk forward from H_j anyway, sums P and Sb as it goes (kSweepFirst), the combine makes R_j, and a
+// second launch runs the reverse sweep (kSweepSecond).
 //
 // Backward. g_t = dL/dh_t obeys g_t = a_{t+1} g_{t+1} + gy_t * qout_t, gy = dy * SiLU(z). The
 // backward kernel (its own layout: 2 channels x 4 states a thread, 64 channels a block) sweeps its
@@ -505,7 +509,16 @@ __global__ void __launch_bounds__(kThreads) fwd_kernel(const ScanParams p) {
   T* const y_out = static_cast<T*>(p.y) + static_cast<size_t>(b) * p.seqlen * p.channels + ec;
   RawTile<T, L::kElems> raw;
   load_tile<LANES, kXRun, true, true, false>(p, col, b, t0, t1, cbase, raw);
+  // The next backward chunk start at or after t0 (entry_states; none before t1 without them).
+  int entry = p.entry_states != nullptr ? (t0 + p.entry_len - 1) / p.entry_len : 0;
+  int entry_t = p.entry_states != nullptr ? entry * p.entry_len : t1;
   for (int ts = t0; ts < t1; ts += kLt) {
+    if (ts == entry_t) {  // h enters a backward chunk here
+      if (c < p.channels) {
+        store_vec(p.entry_states + ((static_cast<size_t>(b) * p.n_entry + entry) * p.channels + c) * kN + s0, h);
+      }
+      ++entry, entry_t += p.entry_len;
+    }
     stage_kq<true>(sm.kq, raw);
     stage_x<LANES, kXRun>(sm.xs, raw.x);
     const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
@@ -703,9 +716,16 @@ __device__ __forceinline__ int transpose_index(int lane) {
   else return ((lane & M) ? V / 2 : 0) + transpose_index<V / 2, M / 2>(lane);
 }
 
+// What one backward launch runs. kSweepBoth: both sweeps, from entry states that are h0 (one chunk) or
+// the summary pass's. With the forward's entry states, two launches around the combine: kSweepFirst,
+// whose sweep also sums each chunk's decay product P and adjoint summary Sb (the summary pass's
+// third output, without its rerun of the chunk), then kSweepSecond.
+constexpr int kSweepFirst = 1, kSweepSecond = 2, kSweepBoth = 3;
+
 // 4 blocks per SM (at most 128 registers, 55 KiB of shared memory each).
-template <class Tr, typename T, bool kVec>
+template <class Tr, typename T, bool kVec, int kSweeps>
 __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const ScanParams p) {
+  constexpr bool kCarry = kSweeps == kSweepFirst;  // sweep 1 sums P and Sb
   constexpr int NS = kN / kBwdLanes;
   extern __shared__ __align__(16) unsigned char smem_raw[];
   BwdSmem& sm = *reinterpret_cast<BwdSmem*>(smem_raw);
@@ -725,14 +745,15 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
   float h[2][NS], a2[2][NS];
 #pragma unroll
   for (int m = 0; m < 2; ++m) {
-    load_entry_state(p, b, chunk, c + m, s0, h[m]);
+    if (kSweeps & kSweepFirst) load_entry_state(p, b, chunk, c + m, s0, h[m]);
     load_a2<Tr>(p, c + m, s0, a2[m]);
   }
 
-  // The per-(t, c) scalars of a tile, from the raw inputs, to shared memory (elementwise role);
-  // kAll: also what sweep 2 needs (x, gy, the d dt and SiLU' factors).
-  auto stage_elements = [&](const PairTile<T>& raw, int ts, auto all_c) {
-    constexpr bool kAll = decltype(all_c)::value;
+  // The per-(t, c) scalars of a tile, from the raw inputs, to shared memory (elementwise role): delta
+  // and delta x; what_c 1: also gy (sweep 1 with kCarry); 2: also what sweep 2 needs (x, gy, the d dt
+  // and SiLU' factors).
+  auto stage_elements = [&](const PairTile<T>& raw, int ts, auto what_c) {
+    constexpr bool kGy = decltype(what_c)::value >= 1, kAll = decltype(what_c)::value == 2;
 #pragma unroll
     for (int i = 0; i < kBwdRows; ++i) {
       const int row = erow + i * (kThreads / kBwdPairs);
@@ -746,7 +767,7 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
         Tr::step_size(to_float(raw.dt[i][m]), sm.kq.ksq[row], delta, ddt_scale);
         delta = ok ? delta : 0.f;
         v[0][m] = x, v[1][m] = delta, v[2][m] = delta * x, v[4][m] = ddt_scale;
-        if (kAll) {
+        if (kGy) {
           const float dy = to_float(raw.dy[i][m]);
           float gate = 1.f, dsilu = 0.f;
           if (use_z) {
@@ -760,9 +781,9 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
       }
       *reinterpret_cast<float2*>(&sm.delta[row][el]) = make_float2(v[1][0], v[1][1]);
       *reinterpret_cast<float2*>(&sm.dxv[row][el]) = make_float2(v[2][0], v[2][1]);
+      if (kGy) *reinterpret_cast<float2*>(&sm.gy[row][el]) = make_float2(v[3][0], v[3][1]);
       if (kAll) {
         *reinterpret_cast<float2*>(&sm.x[row][el]) = make_float2(v[0][0], v[0][1]);
-        *reinterpret_cast<float2*>(&sm.gy[row][el]) = make_float2(v[3][0], v[3][1]);
         *reinterpret_cast<float2*>(&sm.ddt_scale[row][el]) = make_float2(v[4][0], v[4][1]);
         *reinterpret_cast<float2*>(&sm.dsilu[row][el]) = make_float2(v[5][0], v[5][1]);
       }
@@ -789,187 +810,232 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
     dst[1] = make_float4(v[1][0], v[1][1], v[1][2], v[1][3]);
   };
 
-  // Sweep 1: forward through the chunk, checkpointing h every kBwdPart steps.
-  PairTile<T> raw;
-  load_pair_tile<kVec, false>(p, col, b, t0, t1, cbase, raw);
-  for (int it = 0; it < ntiles; ++it) {
-    const int ts = t0 + it * kLt;
-    stage_kq<false>(sm.kq, raw);
-    const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
-    stage_elements(raw, ts, std::false_type{});
-    __syncthreads();
-    if (it + 1 < ntiles) load_pair_tile<kVec, false>(p, col, b, ts + kLt, t1, cbase, raw);
-    with_resets(tile_rst, [&](auto rst_c) {
-#pragma unroll 1
-      for (int part = 0; part < kBwdPartsPerTile; ++part) {
-        store_ckpt(bwd_ckpt(p, b, tile0 + it, part, tid), h);
+  // h, P and Sb after step s of the tile (kCarry): P *= a, Sb += P gy qout, as the summary pass sums them.
+  auto advance_carry = [&](int s, auto rst_c, float (&hc)[2][NS], float (&P)[2][NS], float (&Sb)[2][NS]) {
+    constexpr bool kRst = decltype(rst_c)::value;
+    const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
+    const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
+    const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
+    const bool rs = kRst && sm.kq.rst[s] != 0;
+    float k[NS], kk[NS], q[NS];
+    load_vec(k, &sm.kq.k[s][s0]);
+    load_vec(kk, &sm.kq.kk[s][s0]);
+    load_vec(q, &sm.kq.q[s][s0]);
 #pragma unroll
-        for (int s = 0; s < kBwdPart; ++s) advance(part * kBwdPart + s, rst_c, h, h);
-      }
-    });
-    __syncthreads();
-  }
-
-  // Sweep 2: tiles in reverse. g holds a_{t+1} * g_{t+1}, starting from the adjoint entering
-  // from the next chunk (or dhT).
-  float g[2][NS], dA[2][NS];
-#pragma unroll
-  for (int m = 0; m < 2; ++m) {
-#pragma unroll
-    for (int j = 0; j < NS; ++j) g[m][j] = 0.f, dA[m][j] = 0.f;
-    if (c + m < p.channels) {
-      if (p.nchunks > 1) load_vec(g[m], p.ws_R + ws_index(p, b, chunk, c + m) + s0);
-      else load_vec(g[m], p.dhT + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0);
-    }
-  }
-  const float D0 = e0 ? p.D[ec] : 0.f, D1 = e1 ? p.D[ec + 1] : 0.f;
-  float dD0 = 0.f, dD1 = 0.f;
-  load_pair_tile<kVec, true>(p, col, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
-  // The checkpoint of the next part to run (they run from the last), loaded one part ahead.
-  const float4* ck_src = bwd_ckpt(p, b, tile0 + ntiles - 1, kBwdPartsPerTile - 1, tid);
-  float4 ck[2] = {ck_src[0], ck_src[1]};
-  for (int it = ntiles - 1; it >= 0; --it) {
-    const int ts = t0 + it * kLt;
-    stage_kq<true>(sm.kq, raw);
-    const bool tile_rst = __syncthreads_or(raw.rst != 0);
-    stage_elements(raw, ts, std::true_type{});
-    __syncthreads();
-    if (it > 0) {
-      load_pair_tile<kVec, true>(p, col, b, ts - kLt, t1, cbase, raw);
-      // The previous tile's checkpoints into L2: the loads of ck below then wait on L2, not DRAM,
-      // and hold no registers early (at 128 registers the compiler moves them next to their use).
-#pragma unroll
-      for (int part = 0; part < kBwdPartsPerTile; ++part) prefetch_l2(bwd_ckpt(p, b, tile0 + it - 1, part, tid));
-    }
-
-    // Each part of the tile, from the last: rerun its steps from its checkpoint, keeping the states
-    // (hist[s] = h before step base + s), then run g backwards through them. The parts loop is
-    // not unrolled: unrolled, the kernel was 3x larger, spilled and stalled on instruction fetch.
-    with_resets(tile_rst, [&](auto rst_c) {
-      constexpr bool kRst = decltype(rst_c)::value;
-#pragma unroll 1
-      for (int part = kBwdPartsPerTile - 1; part >= 0; --part) {
-        const int base = part * kBwdPart;
-        float hist[kBwdPart + 1][2][NS];
-#pragma unroll
-        for (int m = 0; m < 2; ++m) {
-          hist[0][m][0] = ck[m].x, hist[0][m][1] = ck[m].y, hist[0][m][2] = ck[m].z, hist[0][m][3] = ck[m].w;
-        }
-        if (part > 0 || it > 0) {
-          const float4* src = part > 0 ? bwd_ckpt(p, b, tile0 + it, part - 1, tid)
-                                       : bwd_ckpt(p, b, tile0 + it - 1, kBwdPartsPerTile - 1, tid);
-          ck[0] = src[0], ck[1] = src[1];
-        }
-#pragma unroll
-        for (int s = 0; s < kBwdPart; ++s) advance(base + s, rst_c, hist[s], hist[s + 1]);
-#pragma unroll
-        for (int i = kBwdPart - 1; i >= 0; --i) {
-          const int s = base + i;
-          const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
-          const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
-          const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
-          const bool rs = kRst && sm.kq.rst[s] != 0;
-          float k[NS], kk[NS], q[NS];
-          load_vec(k, &sm.kq.k[s][s0]);
-          load_vec(kk, &sm.kq.kk[s][s0]);
-          load_vec(q, &sm.kq.q[s][s0]);
-          float dxa[2] = {0.f, 0.f}, dda[2] = {0.f, 0.f}, ys[2] = {0.f, 0.f};
-          float v[2 * NS];  // dkin (NS), dqout (NS), summed over the two channels
-#pragma unroll
-          for (int j = 0; j < NS; ++j) {
-            float dk = 0.f, dkb = 0.f, dq = 0.f;
-#pragma unroll
-            for (int m = 0; m < 2; ++m) {
-              const float dl = m ? delta.y : delta.x, xv = m ? dxv.y : dxv.x, gm = m ? gy.y : gy.x;
-              const float a = step_decay<Tr, kRst>(dl, kk[j], a2[m][j], rs);
-              const float hp = kRst && rs ? 0.f : hist[i][m][j], hn = hist[i + 1][m][j];
-              const float gj = fmaf(gm, q[j], g[m][j]);
-              dxa[m] = fmaf(gj, k[j], dxa[m]);
-              ys[m] = fmaf(q[j], hn, ys[m]);
-              dq = fmaf(gm, hn, dq);
-              Tr::grad_state(gj, hp, a, kk[j], dl, xv, a2[m][j], dda[m], dA[m][j], dk, dkb);
-              g[m][j] = a * gj;
-            }
-            v[j] = Tr::dkin(k[j], dk, dkb);
-            v[NS + j] = dq;
-          }
-          // dkin, dqout over the half-warp's 16 channel pairs, then the block's sum in finalize.
-          const float r = transpose_sum<2 * NS, 8>(v, lane);
-          const int idx = transpose_index<2 * NS, 8>(lane);
-          if ((lane & 1) == 0) sm.red[s][warp >> 1][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
-          // The per-channel sums over the warp's two state groups: lane half 0 keeps channel cl, 1 keeps cl + 1.
-          const float sx = half ? dxa[0] : dxa[1], sd = half ? dda[0] : dda[1], sy = half ? ys[0] : ys[1];
-          const float rx = (half ? dxa[1] : dxa[0]) + __shfl_xor_sync(0xffffffffu, sx, 16);
-          const float rd = (half ? dda[1] : dda[0]) + __shfl_xor_sync(0xffffffffu, sd, 16);
-          const float ry = (half ? ys[1] : ys[0]) + __shfl_xor_sync(0xffffffffu, sy, 16);
-          sm.dxa[warp & 1][s][cl + half] = rx;
-          sm.dda[warp & 1][s][cl + half] = rd;
-          sm.ys[warp & 1][s][cl + half] = ry;
-        }
-      }
-    });
-    __syncthreads();
-
-    // Per-(t, c) gradients (elementwise role); the |k|^2 term of Longhorn is summed over the block's channels.
-    float dkr[kBwdRows];
-    const size_t off0 = (static_cast<size_t>(b) * p.seqlen + ts + erow) * p.channels + ec;  // dx, ddt, dz: contiguous
-#pragma unroll
-    for (int i = 0; i < kBwdRows; ++i) {
-      const int row = erow + i * (kThreads / kBwdPairs), t = ts + row;
-      const bool okt = t < t1;
-      auto pair = [&](const float (&a)[kLt][kBwdBlockChannels]) {
-        return *reinterpret_cast<const float2*>(&a[row][el]);
-      };
-      const float2 x = pair(sm.x), delta = pair(sm.delta), gy = pair(sm.gy);
-      const float2 sc = pair(sm.ddt_scale), ds = pair(sm.dsilu);
-      const float2 xa0 = pair(sm.dxa[0]), xa1 = pair(sm.dxa[1]), da0 = pair(sm.dda[0]), da1 = pair(sm.dda[1]);
-      const float2 ys0 = pair(sm.ys[0]), ys1 = pair(sm.ys[1]);
-      const float dxa[2] = {xa0.x + xa1.x, xa0.y + xa1.y}, dda[2] = {da0.x + da1.x, da0.y + da1.y};
-      const float ys[2] = {ys0.x + ys1.x, ys0.y + ys1.y}, xs[2] = {x.x, x.y}, dl[2] = {delta.x, delta.y};
-      const float gs[2] = {gy.x, gy.y}, Ds[2] = {D0, D1};
-      float dx[2], ddt[2], dz[2], dk = 0.f;
+    for (int j = 0; j < NS; ++j) {
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        const float ddelta = Tr::grad_delta(xs[m], dxa[m], dda[m]);
-        dx[m] = fmaf(dl[m], dxa[m], Ds[m] * gs[m]);
-        ddt[m] = ddelta * (m ? sc.y : sc.x);
-        dz[m] = (m ? ds.y : ds.x) * fmaf(Ds[m], xs[m], ys[m]);
-        dk = fmaf(-dl[m] * dl[m], ddelta, dk);  // delta is 0 outside the sequence and the channels
-      }
-      dD0 = fmaf(gs[0], xs[0], dD0), dD1 = fmaf(gs[1], xs[1], dD1);  // gy is 0 outside too
-      dkr[i] = dk;
-      const size_t off = off0 + static_cast<size_t>(i * (kThreads / kBwdPairs)) * p.channels;
-      store_pair<kVec>(static_cast<T*>(p.dx) + off, okt && e0, okt && e1, dx[0], dx[1]);
-      store_pair<kVec>(static_cast<T*>(p.ddt) + off, okt && e0, okt && e1, ddt[0], ddt[1]);
-      if (use_z) store_pair<kVec>(static_cast<T*>(p.dz) + off, okt && e0, okt && e1, dz[0], dz[1]);
-    }
-    if (Tr::kUsesKsq) {
-      const float r = transpose_sum<kBwdRows, 16>(dkr, lane);
-      const int t = ts + erow + transpose_index<kBwdRows, 16>(lane) * (kThreads / kBwdPairs);
-      if ((lane & 7) == 0 && t < t1) atomicAdd(p.dK + static_cast<size_t>(b) * p.seqlen + t, r);
-    }
-    {
-      const int row = tid / 8, part = tid % 8, t = ts + row;
-      if (t < t1) {
-        const float4 u = *reinterpret_cast<const float4*>(&sm.red[row][0][part * 4]);
-        const float4 w = *reinterpret_cast<const float4*>(&sm.red[row][1][part * 4]);
-        float* dst = (part < 4 ? p.dkin : p.dqout) + (static_cast<size_t>(b) * p.seqlen + t) * kN + (part % 4) * 4;
-        atomic_add4(dst, make_float4(u.x + w.x, u.y + w.y, u.z + w.z, u.w + w.w));
+        const float a = step_decay<Tr, kRst>(m ? delta.y : delta.x, kk[j], a2[m][j], rs);
+        hc[m][j] = fmaf(a, hc[m][j], (m ? dxv.y : dxv.x) * k[j]);
+        P[m][j] *= a;
+        Sb[m][j] = fmaf(P[m][j], (m ? gy.y : gy.x) * q[j], Sb[m][j]);
       }
     }
-    __syncthreads();
-  }
+  };
+
+  PairTile<T> raw;
+  // Sweep 1: forward through the chunk, checkpointing h every kBwdPart steps.
+  if constexpr ((kSweeps & kSweepFirst) != 0) {
+    float P[2][NS], Sb[2][NS];
 #pragma unroll
-  for (int m = 0; m < 2; ++m) {
-    if (c + m >= p.channels) continue;
-    if (chunk == 0) store_vec(p.dh0 + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0, g[m]);
-    if (Tr::kUsesA) {
+    for (int m = 0; m < 2; ++m) {
 #pragma unroll
-      for (int j = 0; j < NS; ++j) atomicAdd(p.dA + static_cast<size_t>(c + m) * kN + s0 + j, dA[m][j]);
+      for (int j = 0; j < NS; ++j) P[m][j] = 1.f, Sb[m][j] = 0.f;
+    }
+    load_pair_tile<kVec, kCarry>(p, col, b, t0, t1, cbase, raw);
+    for (int it = 0; it < ntiles; ++it) {
+      const int ts = t0 + it * kLt;
+      stage_kq<kCarry>(sm.kq, raw);
+      const bool tile_rst = __syncthreads_or(raw.rst != 0);  // any reset in this tile
+      stage_elements(raw, ts, std::integral_constant<int, kCarry ? 1 : 0>{});
+      __syncthreads();
+      if (it + 1 < ntiles) load_pair_tile<kVec, kCarry>(p, col, b, ts + kLt, t1, cbase, raw);
+      with_resets(tile_rst, [&](auto rst_c) {
+#pragma unroll 1
+        for (int part = 0; part < kBwdPartsPerTile; ++part) {
+          store_ckpt(bwd_ckpt(p, b, tile0 + it, part, tid), h);
+#pragma unroll
+          for (int s = 0; s < kBwdPart; ++s) {
+            if constexpr (kCarry) advance_carry(part * kBwdPart + s, rst_c, h, P, Sb);
+            else advance(part * kBwdPart + s, rst_c, h, h);
+          }
+        }
+      });
+      __syncthreads();
+    }
+    if constexpr (kCarry) {
+#pragma unroll
+      for (int m = 0; m < 2; ++m) {
+        if (c + m >= p.channels) continue;
+        const size_t w = ws_index(p, b, chunk, c + m) + s0;
+        store_vec(p.ws_P + w, P[m]);
+        store_vec(p.ws_Sb + w, Sb[m]);
+      }
     }
   }
-  if (e0) atomicAdd(p.dD + ec, dD0);
-  if (e1) atomicAdd(p.dD + ec + 1, dD1);
+
+  if constexpr ((kSweeps & kSweepSecond) != 0) {
+    // Sweep 2: tiles in reverse. g holds a_{t+1} * g_{t+1}, starting from the adjoint entering
+    // from the next chunk (or dhT).
+    float g[2][NS], dA[2][NS];
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+#pragma unroll
+      for (int j = 0; j < NS; ++j) g[m][j] = 0.f, dA[m][j] = 0.f;
+      if (c + m < p.channels) {
+        if (p.nchunks > 1) load_vec(g[m], p.ws_R + ws_index(p, b, chunk, c + m) + s0);
+        else load_vec(g[m], p.dhT + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0);
+      }
+    }
+    const float D0 = e0 ? p.D[ec] : 0.f, D1 = e1 ? p.D[ec + 1] : 0.f;
+    float dD0 = 0.f, dD1 = 0.f;
+    load_pair_tile<kVec, true>(p, col, b, t0 + (ntiles - 1) * kLt, t1, cbase, raw);
+    // The checkpoint of the next part to run (they run from the last), loaded one part ahead.
+    const float4* ck_src = bwd_ckpt(p, b, tile0 + ntiles - 1, kBwdPartsPerTile - 1, tid);
+    float4 ck[2] = {ck_src[0], ck_src[1]};
+    for (int it = ntiles - 1; it >= 0; --it) {
+      const int ts = t0 + it * kLt;
+      stage_kq<true>(sm.kq, raw);
+      const bool tile_rst = __syncthreads_or(raw.rst != 0);
+      stage_elements(raw, ts, std::integral_constant<int, 2>{});
+      __syncthreads();
+      if (it > 0) {
+        load_pair_tile<kVec, true>(p, col, b, ts - kLt, t1, cbase, raw);
+        // The previous tile's checkpoints into L2: the loads of ck below then wait on L2, not DRAM,
+        // and hold no registers early (at 128 registers the compiler moves them next to their use).
+#pragma unroll
+        for (int part = 0; part < kBwdPartsPerTile; ++part) prefetch_l2(bwd_ckpt(p, b, tile0 + it - 1, part, tid));
+      }
+
+      // Each part of the tile, from the last: rerun its steps from its checkpoint, keeping the states
+      // (hist[s] = h before step base + s), then run g backwards through them. The parts loop is
+      // not unrolled: unrolled, the kernel was 3x larger, spilled and stalled on instruction fetch.
+      with_resets(tile_rst, [&](auto rst_c) {
+        constexpr bool kRst = decltype(rst_c)::value;
+#pragma unroll 1
+        for (int part = kBwdPartsPerTile - 1; part >= 0; --part) {
+          const int base = part * kBwdPart;
+          float hist[kBwdPart + 1][2][NS];
+#pragma unroll
+          for (int m = 0; m < 2; ++m) {
+            hist[0][m][0] = ck[m].x, hist[0][m][1] = ck[m].y, hist[0][m][2] = ck[m].z, hist[0][m][3] = ck[m].w;
+          }
+          if (part > 0 || it > 0) {
+            const float4* src = part > 0 ? bwd_ckpt(p, b, tile0 + it, part - 1, tid)
+                                         : bwd_ckpt(p, b, tile0 + it - 1, kBwdPartsPerTile - 1, tid);
+            ck[0] = src[0], ck[1] = src[1];
+          }
+#pragma unroll
+          for (int s = 0; s < kBwdPart; ++s) advance(base + s, rst_c, hist[s], hist[s + 1]);
+#pragma unroll
+          for (int i = kBwdPart - 1; i >= 0; --i) {
+            const int s = base + i;
+            const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
+            const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
+            const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
+            const bool rs = kRst && sm.kq.rst[s] != 0;
+            float k[NS], kk[NS], q[NS];
+            load_vec(k, &sm.kq.k[s][s0]);
+            load_vec(kk, &sm.kq.kk[s][s0]);
+            load_vec(q, &sm.kq.q[s][s0]);
+            float dxa[2] = {0.f, 0.f}, dda[2] = {0.f, 0.f}, ys[2] = {0.f, 0.f};
+            float v[2 * NS];  // dkin (NS), dqout (NS), summed over the two channels
+#pragma unroll
+            for (int j = 0; j < NS; ++j) {
+              float dk = 0.f, dkb = 0.f, dq = 0.f;
+#pragma unroll
+              for (int m = 0; m < 2; ++m) {
+                const float dl = m ? delta.y : delta.x, xv = m ? dxv.y : dxv.x, gm = m ? gy.y : gy.x;
+                const float a = step_decay<Tr, kRst>(dl, kk[j], a2[m][j], rs);
+                const float hp = kRst && rs ? 0.f : hist[i][m][j], hn = hist[i + 1][m][j];
+                const float gj = fmaf(gm, q[j], g[m][j]);
+                dxa[m] = fmaf(gj, k[j], dxa[m]);
+                ys[m] = fmaf(q[j], hn, ys[m]);
+                dq = fmaf(gm, hn, dq);
+                Tr::grad_state(gj, hp, a, kk[j], dl, xv, a2[m][j], dda[m], dA[m][j], dk, dkb);
+                g[m][j] = a * gj;
+              }
+              v[j] = Tr::dkin(k[j], dk, dkb);
+              v[NS + j] = dq;
+            }
+            // dkin, dqout over the half-warp's 16 channel pairs, then the block's sum in finalize.
+            const float r = transpose_sum<2 * NS, 8>(v, lane);
+            const int idx = transpose_index<2 * NS, 8>(lane);
+            if ((lane & 1) == 0) sm.red[s][warp >> 1][(idx < NS ? 0 : kN - NS) + s0 + idx] = r;
+            // The per-channel sums over the warp's two state groups: lane half 0 keeps channel cl, 1 keeps cl + 1.
+            const float sx = half ? dxa[0] : dxa[1], sd = half ? dda[0] : dda[1], sy = half ? ys[0] : ys[1];
+            const float rx = (half ? dxa[1] : dxa[0]) + __shfl_xor_sync(0xffffffffu, sx, 16);
+            const float rd = (half ? dda[1] : dda[0]) + __shfl_xor_sync(0xffffffffu, sd, 16);
+            const float ry = (half ? ys[1] : ys[0]) + __shfl_xor_sync(0xffffffffu, sy, 16);
+            sm.dxa[warp & 1][s][cl + half] = rx;
+            sm.dda[warp & 1][s][cl + half] = rd;
+            sm.ys[warp & 1][s][cl + half] = ry;
+          }
+        }
+      });
+      __syncthreads();
+
+      // Per-(t, c) gradients (elementwise role); the |k|^2 term of Longhorn is summed over the block's channels.
+      float dkr[kBwdRows];
+      const size_t off0 = (static_cast<size_t>(b) * p.seqlen + ts + erow) * p.channels + ec;  // dx, ddt, dz: contiguous
+#pragma unroll
+      for (int i = 0; i < kBwdRows; ++i) {
+        const int row = erow + i * (kThreads / kBwdPairs), t = ts + row;
+        const bool okt = t < t1;
+        auto pair = [&](const float (&a)[kLt][kBwdBlockChannels]) {
+          return *reinterpret_cast<const float2*>(&a[row][el]);
+        };
+        const float2 x = pair(sm.x), delta = pair(sm.delta), gy = pair(sm.gy);
+        const float2 sc = pair(sm.ddt_scale), ds = pair(sm.dsilu);
+        const float2 xa0 = pair(sm.dxa[0]), xa1 = pair(sm.dxa[1]), da0 = pair(sm.dda[0]), da1 = pair(sm.dda[1]);
+        const float2 ys0 = pair(sm.ys[0]), ys1 = pair(sm.ys[1]);
+        const float dxa[2] = {xa0.x + xa1.x, xa0.y + xa1.y}, dda[2] = {da0.x + da1.x, da0.y + da1.y};
+        const float ys[2] = {ys0.x + ys1.x, ys0.y + ys1.y}, xs[2] = {x.x, x.y}, dl[2] = {delta.x, delta.y};
+        const float gs[2] = {gy.x, gy.y}, Ds[2] = {D0, D1};
+        float dx[2], ddt[2], dz[2], dk = 0.f;
+#pragma unroll
+        for (int m = 0; m < 2; ++m) {
+          const float ddelta = Tr::grad_delta(xs[m], dxa[m], dda[m]);
+          dx[m] = fmaf(dl[m], dxa[m], Ds[m] * gs[m]);
+          ddt[m] = ddelta * (m ? sc.y : sc.x);
+          dz[m] = (m ? ds.y : ds.x) * fmaf(Ds[m], xs[m], ys[m]);
+          dk = fmaf(-dl[m] * dl[m], ddelta, dk);  // delta is 0 outside the sequence and the channels
+        }
+        dD0 = fmaf(gs[0], xs[0], dD0), dD1 = fmaf(gs[1], xs[1], dD1);  // gy is 0 outside too
+        dkr[i] = dk;
+        const size_t off = off0 + static_cast<size_t>(i * (kThreads / kBwdPairs)) * p.channels;
+        store_pair<kVec>(static_cast<T*>(p.dx) + off, okt && e0, okt && e1, dx[0], dx[1]);
+        store_pair<kVec>(static_cast<T*>(p.ddt) + off, okt && e0, okt && e1, ddt[0], ddt[1]);
+        if (use_z) store_pair<kVec>(static_cast<T*>(p.dz) + off, okt && e0, okt && e1, dz[0], dz[1]);
+      }
+      if (Tr::kUsesKsq) {
+        const float r = transpose_sum<kBwdRows, 16>(dkr, lane);
+        const int t = ts + erow + transpose_index<kBwdRows, 16>(lane) * (kThreads / kBwdPairs);
+        if ((lane & 7) == 0 && t < t1) atomicAdd(p.dK + static_cast<size_t>(b) * p.seqlen + t, r);
+      }
+      {
+        const int row = tid / 8, part = tid % 8, t = ts + row;
+        if (t < t1) {
+          const float4 u = *reinterpret_cast<const float4*>(&sm.red[row][0][part * 4]);
+          const float4 w = *reinterpret_cast<const float4*>(&sm.red[row][1][part * 4]);
+          float* dst = (part < 4 ? p.dkin : p.dqout) + (static_cast<size_t>(b) * p.seqlen + t) * kN + (part % 4) * 4;
+          atomic_add4(dst, make_float4(u.x + w.x, u.y + w.y, u.z + w.z, u.w + w.w));
+        }
+      }
+      __syncthreads();
+    }
+#pragma unroll
+    for (int m = 0; m < 2; ++m) {
+      if (c + m >= p.channels) continue;
+      if (chunk == 0) store_vec(p.dh0 + (static_cast<size_t>(b) * p.channels + c + m) * kN + s0, g[m]);
+      if (Tr::kUsesA) {
+#pragma unroll
+        for (int j = 0; j < NS; ++j) atomicAdd(p.dA + static_cast<size_t>(c + m) * kN + s0 + j, dA[m][j]);
+      }
+    }
+    if (e0) atomicAdd(p.dD + ec, dD0);
+    if (e1) atomicAdd(p.dD + ec + 1, dD1);
+  }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1028,11 +1094,11 @@ inline bool pairs_aligned(const ScanParams& p, size_t elem) {
          ok(p.dy, p.dy_stride);
 }
 
-template <class Tr, typename T, bool kVec>
+template <class Tr, typename T, bool kVec, int kSweeps>
 cudaError_t launch_bwd(const ScanParams& p) {
   const dim3 grid((p.channels + kBwdBlockChannels - 1) / kBwdBlockChannels, p.nchunks, p.batch);
   constexpr int kSmem = sizeof(BwdSmem);  // over the 48 KiB of static shared memory: dynamic, opted in
-  auto kernel = bwd_kernel<Tr, T, kVec>;
+  auto kernel = bwd_kernel<Tr, T, kVec, kSweeps>;
   cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem);
   if (err == cudaSuccess) {
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -1042,22 +1108,33 @@ cudaError_t launch_bwd(const ScanParams& p) {
   return cudaGetLastError();
 }
 
+// In chunks with the forward's entry states: sweep 1 (with P and Sb), the adjoint combine, sweep 2.
+// Without them: the summary pass (P, S, Sb), both combines, then both sweeps in one launch.
+template <class Tr, typename T, bool kVec>
+cudaError_t launch_bwd_chunks(const ScanParams& p) {
+  if (p.nchunks == 1) return launch_bwd<Tr, T, kVec, kSweepBoth>(p);
+  cudaError_t err;
+  if (p.entry_states_given) {
+    err = launch_bwd<Tr, T, kVec, kSweepFirst>(p);
+    if (err == cudaSuccess) err = scan_combine(p, false, true);
+    return err == cudaSuccess ? launch_bwd<Tr, T, kVec, kSweepSecond>(p) : err;
+  }
+  err = dispatch_x_layout(p, [&](auto run) {
+    constexpr bool kXRun = decltype(run)::value;
+    using L = Layout<kBwdLanes>;
+    const dim3 grid((p.channels + L::kCh - 1) / L::kCh, p.nchunks, p.batch);
+    summary_kernel<Tr, kBwdLanes, T, kXRun, true><<<grid, kThreads, 0, p.stream>>>(p);
+    return scan_combine(p, true, true);
+  });
+  return err == cudaSuccess ? launch_bwd<Tr, T, kVec, kSweepBoth>(p) : err;
+}
+
 template <class Tr>
 cudaError_t scan_bwd(const ScanParams& p) {
   if (p.chunk_len % kLt != 0 || p.ws_ckpt == nullptr) return cudaErrorInvalidValue;
   return dispatch_dtype(p.dtype, [&](auto t) {
     using T = decltype(t);
-    if (p.nchunks > 1) {
-      const cudaError_t err = dispatch_x_layout(p, [&](auto run) {
-        constexpr bool kXRun = decltype(run)::value;
-        using L = Layout<kBwdLanes>;
-        const dim3 grid((p.channels + L::kCh - 1) / L::kCh, p.nchunks, p.batch);
-        summary_kernel<Tr, kBwdLanes, T, kXRun, true><<<grid, kThreads, 0, p.stream>>>(p);
-        return scan_combine(p, true, true);
-      });
-      if (err != cudaSuccess) return err;
-    }
-    return pairs_aligned(p, sizeof(T)) ? launch_bwd<Tr, T, true>(p) : launch_bwd<Tr, T, false>(p);
+    return pairs_aligned(p, sizeof(T)) ? launch_bwd_chunks<Tr, T, true>(p) : launch_bwd_chunks<Tr, T, false>(p);
   });
 }
 

@@ -153,9 +153,11 @@ def _as_block_views(inp: dict[str, Tensor]) -> None:
 
 
 def check_scan(kind: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int, with_gate: bool = True,
-               with_state: bool = True, with_reset: bool = True, views: bool = False) -> dict[str, float]:  # fmt: skip
+               with_state: bool = True, with_reset: bool = True, views: bool = False,
+               entry_states: bool = True) -> dict[str, float]:  # fmt: skip
     """Runs the CUDA kernels and the float64 reference on the same (rounded) inputs; returns relative errors.
-    views: pass x and z as strided views (see _as_block_views)."""
+    views: pass x and z as strided views (see _as_block_views). entry_states False: the backward does not
+    get the forward's entry states, and finds them by its summary pass."""
     from longhorn_zoo.plugins.selective_scan import cuda as ss
 
     gen = torch.Generator(device="cuda").manual_seed(seed)
@@ -183,24 +185,53 @@ def check_scan(kind: str, b: int, t: int, c: int, dtype: torch.dtype, seed: int,
     vals = list(inp.values())
     if kind == "longhorn":
         x, dt, k, q, D, z, h0, rs = vals
-        y, hT = ss._run_fwd(ss.LONGHORN, x, dt, k, q, None, D, z, h0, rs)
-        out = ss.longhorn_scan_cuda_bwd(x, dt, k, q, D, z, h0, rs, dy, dh)
+        y, hT, entry = ss._run_fwd(ss.LONGHORN, x, dt, k, q, None, D, z, h0, rs)
+        out = ss.longhorn_scan_cuda_bwd(x, dt, k, q, D, z, h0, rs, dy, dh, _entry(entry, entry_states))
         got = dict(zip(["x", "dt", "k", "q", "D", "z", "initial_state"], out))
     else:
         x, dt, A, B, C, D, z, h0, rs = vals
-        y, hT = ss._run_fwd(ss.MAMBA, x, dt, B, C, A, D, z, h0, rs)
-        out = ss.mamba_scan_cuda_bwd(x, dt, A, B, C, D, z, h0, rs, dy, dh)
+        y, hT, entry = ss._run_fwd(ss.MAMBA, x, dt, B, C, A, D, z, h0, rs)
+        out = ss.mamba_scan_cuda_bwd(x, dt, A, B, C, D, z, h0, rs, dy, dh, _entry(entry, entry_states))
         got = dict(zip(["x", "dt", "A", "B", "C", "D", "z", "initial_state"], out))
     torch.cuda.synchronize()
     errs = {"y": _rel(y, y_ref), "final_state": _rel(hT, h_ref)}
+    if entry.numel():  # the states entering the backward's chunks, against the reference's states there
+        errs["entry_states"] = _entry_errors(entry, ref_fn, ref_in)
     for n, g in zip(diff, grads_ref):
         errs[f"d{n}"] = _rel(got[n], g)
     return errs
 
 
+def _entry(entry: Tensor, use: bool) -> Tensor | None:
+    return entry if use and entry.numel() else None
+
+
+TIME_INPUTS = ("x", "dt", "k", "q", "B", "C", "z", "reset")  # the inputs indexed by time, (B, T, ...)
+
+
+def _entry_errors(entry: Tensor, ref_fn, ref_in: dict[str, Tensor]) -> float:
+    """Relative error of the forward's entry states at the first, a middle and the last backward chunk,
+    against the reference's final state of the prefix before each (the initial state for chunk 0)."""
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
+
+    b, t, c = ref_in["x"].shape
+    length, n = ss.chunk_lengths(b, t, c)[1], entry.shape[1]
+    got, want = [], []
+    for j in sorted({0, n // 2, n - 1}):
+        if j == 0:
+            h0 = ref_in["initial_state"]
+            want.append(torch.zeros(b, c, 16, dtype=torch.float64, device=entry.device) if h0 is None else h0.detach())
+        else:
+            prefix = {k: (v[:, : j * length] if k in TIME_INPUTS and v is not None else v) for k, v in ref_in.items()}
+            with torch.no_grad():
+                want.append(ref_fn(*prefix.values())[1])
+        got.append(entry[:, j])
+    return _rel(torch.stack(got), torch.stack(want))
+
+
 def _bounds(dtype: torch.dtype, name: str) -> float:
     """fp32 accumulation: ~1e-6 for float32 results; outputs rounded to 16-bit floats: ~2e-3."""
-    float32_out = name in ("final_state", "dD", "dA", "dinitial_state")
+    float32_out = name in ("final_state", "entry_states", "dD", "dA", "dinitial_state")
     if dtype == torch.float32 or float32_out:
         return 2e-4
     return 1e-2
@@ -274,6 +305,47 @@ def test_scan_reads_strided_views(kind: str, lanes: int, t: int, monkeypatch: py
     for dtype in (torch.float32, torch.bfloat16):
         errs = check_scan(kind, 2, t, 80, dtype, seed=11 + t + lanes, views=True)
         assert_within_bounds(errs, dtype, f"{kind} T={t} lanes={lanes} {dtype}: ")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+def test_backward_without_the_forward_entry_states(kind: str) -> None:
+    """A backward in chunks that does not get the forward's entry states (a forward that ran elsewhere,
+    or TUNING changed in between) finds them by its summary pass. The other tests take the forward's."""
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
+
+    assert ss.chunk_lengths(2, 2049, 80)[1] < 2049  # chunks, so the forward saves entry states
+    for entry_states in (True, False):
+        errs = check_scan(kind, 2, 2049, 80, torch.bfloat16, seed=21, entry_states=entry_states)
+        assert "entry_states" in errs
+        assert_within_bounds(errs, torch.bfloat16, f"{kind} entry_states={entry_states}: ")
+
+
+@needs_gpu
+@pytest.mark.parametrize("kind", ["longhorn", "mamba"])
+def test_op_in_chunks_under_compile_matches_reference(kind: str) -> None:
+    """The custom op as the block calls it, compiled with fullgraph, at a shape whose backward runs in
+    chunks: its forward's residual (the entry states) reaches the backward through the compiled graphs."""
+    from longhorn_zoo.plugins.longhorn.ops import longhorn_scan
+    from longhorn_zoo.plugins.mamba.ops import mamba_scan
+    from longhorn_zoo.plugins.selective_scan import cuda as ss
+
+    op, make = (longhorn_scan, _longhorn_inputs) if kind == "longhorn" else (mamba_scan, _mamba_inputs)
+    b, t, c = 2, 1000, 80
+    assert ss.chunk_lengths(b, t, c)[1] < t
+    gen = torch.Generator(device="cuda").manual_seed(17)
+    inp = make(b, t, c, torch.float32, gen)
+    diff = [n for n, v in inp.items() if v.is_floating_point()]
+    leaves = [v.clone().requires_grad_(n in diff) for n, v in inp.items()]
+    y, h = torch.compile(lambda *a: op(*a), fullgraph=True)(*leaves)
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y, h), [v for v in leaves if v.requires_grad], (dy, dh))
+    ref_in = [v.double().requires_grad_(n in diff) if v.is_floating_point() else v for n, v in inp.items()]
+    y_ref, h_ref = op.reference(*ref_in)
+    grads_ref = torch.autograd.grad((y_ref, h_ref), [v for v in ref_in if v.requires_grad], (dy.double(), dh.double()))
+    errs = {"y": _rel(y, y_ref), "final_state": _rel(h, h_ref)}
+    errs.update({f"d{n}": _rel(g, r) for n, g, r in zip(diff, grads, grads_ref)})
+    assert_within_bounds(errs, torch.float32)
 
 
 @needs_gpu

@@ -56,9 +56,10 @@ STATE_SIZE, TILE = 16, 16  # kStateSize and kTile in csrc/scan_params.h
 # fwd_blocks_per_sm / bwd_blocks_per_sm: time is split into chunks until about this many
 # 128-thread blocks per SM exist (more chunks = more parallelism, one more pass per chunk).
 # fwd_blocks_per_sm 4 keeps one chunk at B x C = 4 x 4096 and splits B = 1 into 4 (sweep in docs/benchmarks.md);
-# bwd_blocks_per_sm 4 is the backward's launch bounds: one chunk (no summary pass) at B x C = 8 x 4096,
-# two at 4 x 4096 (its blocks hold 64 channels).
-TUNING: dict[str, float] = {"fwd_lanes": 0, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0}
+# bwd_blocks_per_sm 4 is the backward's launch bounds: one chunk at B x C = 8 x 4096, two at 4 x 4096 (its
+# blocks hold 64 channels). entry_states 1: where the backward runs in chunks, the forward saves the state
+# entering each (the op's residual), so the backward needs no summary pass; 0: it runs one.
+TUNING: dict[str, float] = {"fwd_lanes": 0, "fwd_blocks_per_sm": 4.0, "bwd_blocks_per_sm": 4.0, "entry_states": 1}
 
 
 class MissingSourcesError(RuntimeError):
@@ -198,6 +199,22 @@ def _supported(x: Tensor, kin: Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and kin.shape[-1] == STATE_SIZE
 
 
+def _entry_len(batch: int, seqlen: int, channels: int) -> int:
+    """The backward's chunk length where it splits time (the forward then saves the state entering each
+    of its chunks, so the backward needs no summary pass), else 0."""
+    bwd_len = chunk_lengths(batch, seqlen, channels)[1]
+    return bwd_len if bwd_len < seqlen and TUNING["entry_states"] else 0
+
+
+def entry_states_like(x: Tensor, kin: Tensor) -> Tensor:
+    """An empty tensor like the entry states that the forward saves for the backward (the backend's
+    residual): (B, chunks, C, N) float32, or no elements where the backward runs in one chunk."""
+    b, t, c = (int(d) for d in x.shape)
+    entry = _entry_len(b, t, c) if _supported(x, kin) else 0
+    shape = (b, -(-t // entry), c, STATE_SIZE) if entry else (0,)
+    return x.new_empty(shape, dtype=torch.float32)
+
+
 def _prep(x: Tensor, dt: Tensor, kin: Tensor, qout: Tensor, D: Tensor, z: Tensor | None,
           h0: Tensor | None, reset: Tensor | None) -> tuple[Any, ...]:  # fmt: skip
     """x, dt and z are read through their strides, whatever the view (the block passes x transposed
@@ -215,21 +232,28 @@ def _prep(x: Tensor, dt: Tensor, kin: Tensor, qout: Tensor, D: Tensor, z: Tensor
     )
 
 
-def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, Tensor]:
+def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, Tensor, Tensor]:
+    """(y, final state, entry states for the backward: see entry_states_like)."""
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
-    lanes, fwd_len = _fwd_launch(x.shape[0], x.shape[1], x.shape[2], _sms())
-    y, hT = load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, lanes, fwd_len)
-    return y, hT
+    b, t, c = x.shape
+    lanes, fwd_len = _fwd_launch(b, t, c, _sms())
+    return tuple(load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, lanes, fwd_len,
+                                           _entry_len(b, t, c)))
 
 
-def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT) -> list[Tensor]:
+def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, entry_states=None) -> list[Tensor]:
+    """entry_states: the forward's, or None (or a tensor of another chunking, as when TUNING changed in
+    between, or empty): then the backward finds them by a summary pass."""
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
-    _, bwd_len = chunk_lengths(x.shape[0], x.shape[1], x.shape[2])
+    b, t, c = x.shape
+    _, bwd_len = chunk_lengths(b, t, c)
+    if entry_states is not None and tuple(entry_states.shape) != (b, -(-t // bwd_len), c, STATE_SIZE):
+        entry_states = None
     dy = dy.to(x.dtype)
     dhT = dhT.float().contiguous()
-    return load_extension().scan_bwd(kind, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, bwd_len)
+    return load_extension().scan_bwd(kind, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, bwd_len, entry_states)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,17 +269,18 @@ def _like(t: Tensor) -> Tensor:
 @torch.library.custom_op("longhorn_zoo::longhorn_scan_cuda_bwd", mutates_args=())
 def longhorn_scan_cuda_bwd(
     x: Tensor, dt: Tensor, k: Tensor, q: Tensor, D: Tensor, z: Tensor | None, initial_state: Tensor | None,
-    reset: Tensor | None, dy: Tensor, d_final_state: Tensor,
+    reset: Tensor | None, dy: Tensor, d_final_state: Tensor, entry_states: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients (dx, ddt, dk, dq, dD, dz, d_initial_state) of the Longhorn scan; dz is empty without z."""
+    """Gradients (dx, ddt, dk, dq, dD, dz, d_initial_state) of the Longhorn scan; dz is empty without z.
+    entry_states: the forward's (its residual), or None."""
     dx, ddt, dk, dq, _, dD, dz, dh0 = _run_bwd(
-        LONGHORN, x, dt, k, q, None, D, z, initial_state, reset, dy, d_final_state
+        LONGHORN, x, dt, k, q, None, D, z, initial_state, reset, dy, d_final_state, entry_states
     )
     return dx.to(x.dtype), ddt.to(dt.dtype), dk.to(k.dtype), dq.to(q.dtype), dD.to(D.dtype), dz, dh0
 
 
 @longhorn_scan_cuda_bwd.register_fake
-def _(x, dt, k, q, D, z, initial_state, reset, dy, d_final_state):
+def _(x, dt, k, q, D, z, initial_state, reset, dy, d_final_state, entry_states=None):
     dz = _like(x) if z is not None else x.new_empty(0)
     dh0 = x.new_empty(x.shape[0], x.shape[2], k.shape[-1], dtype=torch.float32)
     return _like(x), _like(dt), _like(k), _like(q), _like(D), dz, dh0
@@ -265,15 +290,18 @@ def _(x, dt, k, q, D, z, initial_state, reset, dy, d_final_state):
 def mamba_scan_cuda_bwd(
     x: Tensor, dt: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor, z: Tensor | None,
     initial_state: Tensor | None, reset: Tensor | None, dy: Tensor, d_final_state: Tensor,
+    entry_states: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-    """Gradients (dx, ddt, dA, dB, dC, dD, dz, d_initial_state) of the Mamba scan; dz is empty without z."""
-    dx, ddt, dB, dC, dA, dD, dz, dh0 = _run_bwd(MAMBA, x, dt, B, C, A, D, z, initial_state, reset, dy, d_final_state)
+    """Gradients (dx, ddt, dA, dB, dC, dD, dz, d_initial_state) of the Mamba scan; dz is empty without z.
+    entry_states: the forward's (its residual), or None."""
+    dx, ddt, dB, dC, dA, dD, dz, dh0 = _run_bwd(MAMBA, x, dt, B, C, A, D, z, initial_state, reset, dy, d_final_state,
+                                                entry_states)
     return (dx.to(x.dtype), ddt.to(dt.dtype), dA.to(A.dtype), dB.to(B.dtype), dC.to(C.dtype), dD.to(D.dtype), dz,
             dh0)  # fmt: skip
 
 
 @mamba_scan_cuda_bwd.register_fake
-def _(x, dt, A, B, C, D, z, initial_state, reset, dy, d_final_state):
+def _(x, dt, A, B, C, D, z, initial_state, reset, dy, d_final_state, entry_states=None):
     dz = _like(x) if z is not None else x.new_empty(0)
     dh0 = x.new_empty(x.shape[0], x.shape[2], B.shape[-1], dtype=torch.float32)
     return _like(x), _like(dt), _like(A), _like(B), _like(C), _like(D), dz, dh0
@@ -288,23 +316,31 @@ def _grads_or_zeros(outputs: tuple[Tensor, ...], grads: tuple[Tensor | None, ...
     return (torch.zeros_like(outputs[0]) if dy is None else dy, torch.zeros_like(outputs[1]) if dhT is None else dhT)
 
 
+def _given(entry_states: Tensor) -> Tensor | None:
+    """The residual as the backward op takes it: None where the forward saved no entry states."""
+    return entry_states if entry_states.numel() else None
+
+
 def longhorn_backend(op: ScanOp) -> Backend:
     """The "cuda" backend of ``longhorn_zoo::longhorn_scan``; ``plugins/longhorn/ops.py`` registers it."""
 
     def forward(x, dt, k, q, D, z, initial_state, reset):
         if not _supported(x, k):
-            return op.reference(x, dt, k, q, D, z, initial_state, reset)
+            return (*op.reference(x, dt, k, q, D, z, initial_state, reset), entry_states_like(x, k))
         return _run_fwd(LONGHORN, x, dt, k, q, None, D, z, initial_state, reset)
 
     def backward(inputs, outputs, grads):
         x, dt, k, q, D, z, h0, reset = inputs
+        *outputs, entry_states = outputs
         if not _supported(x, k):
-            return op._reference_vjp(list(inputs), outputs, grads)
+            return op._reference_vjp(list(inputs), tuple(outputs), grads)
         dy, dhT = _grads_or_zeros(outputs, grads)
-        dx, ddt, dk, dq, dD, dz, dh0 = longhorn_scan_cuda_bwd(x, dt, k, q, D, z, h0, reset, dy, dhT)
+        dx, ddt, dk, dq, dD, dz, dh0 = longhorn_scan_cuda_bwd(x, dt, k, q, D, z, h0, reset, dy, dhT,
+                                                              _given(entry_states))
         return dx, ddt, dk, dq, dD, (None if z is None else dz), (None if h0 is None else dh0), None
 
-    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward)
+    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward,
+                   residual=lambda x, dt, k, *_: entry_states_like(x, k))
 
 
 def mamba_backend(op: ScanOp) -> Backend:
@@ -312,18 +348,21 @@ def mamba_backend(op: ScanOp) -> Backend:
 
     def forward(x, dt, A, B, C, D, z, initial_state, reset):
         if not _supported(x, B):
-            return op.reference(x, dt, A, B, C, D, z, initial_state, reset)
+            return (*op.reference(x, dt, A, B, C, D, z, initial_state, reset), entry_states_like(x, B))
         return _run_fwd(MAMBA, x, dt, B, C, A, D, z, initial_state, reset)
 
     def backward(inputs, outputs, grads):
         x, dt, A, B, C, D, z, h0, reset = inputs
+        *outputs, entry_states = outputs
         if not _supported(x, B):
-            return op._reference_vjp(list(inputs), outputs, grads)
+            return op._reference_vjp(list(inputs), tuple(outputs), grads)
         dy, dhT = _grads_or_zeros(outputs, grads)
-        dx, ddt, dA, dB, dC, dD, dz, dh0 = mamba_scan_cuda_bwd(x, dt, A, B, C, D, z, h0, reset, dy, dhT)
+        dx, ddt, dA, dB, dC, dD, dz, dh0 = mamba_scan_cuda_bwd(x, dt, A, B, C, D, z, h0, reset, dy, dhT,
+                                                               _given(entry_states))
         return dx, ddt, dA, dB, dC, dD, (None if z is None else dz), (None if h0 is None else dh0), None
 
-    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward)
+    return Backend(name="cuda", device_type="cuda", is_available=is_available, forward=forward, backward=backward,
+                   residual=lambda x, dt, A, B, *_: entry_states_like(x, B))
 
 
 def main() -> None:
