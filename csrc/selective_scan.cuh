@@ -790,19 +790,36 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
     }
   };
 
+  // Step s of the tile from the stage: delta, delta x (and, kQ, gy) of channels cl, cl + 1, whether
+  // it resets (kRst), and the thread's states' k, k^2 (and qout).
+  struct Step {
+    float2 delta, dxv, gy;
+    bool rs;
+    float k[NS], kk[NS], q[NS];
+  };
+  auto load_step = [&](int s, auto rst_c, auto q_c) {
+    constexpr bool kRst = decltype(rst_c)::value, kQ = decltype(q_c)::value;
+    Step st;
+    st.delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
+    st.dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
+    st.rs = kRst && sm.kq.rst[s] != 0;
+    load_vec(st.k, &sm.kq.k[s][s0]);
+    load_vec(st.kk, &sm.kq.kk[s][s0]);
+    if constexpr (kQ) {
+      st.gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
+      load_vec(st.q, &sm.kq.q[s][s0]);
+    }
+    return st;
+  };
+
   // h after step s of the tile, from hp (h before it), for both channels.
   auto advance = [&](int s, auto rst_c, const float (&hp)[2][NS], float (&hn)[2][NS]) {
     constexpr bool kRst = decltype(rst_c)::value;
-    const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
-    const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
-    const bool rs = kRst && sm.kq.rst[s] != 0;
-    float k[NS], kk[NS];
-    load_vec(k, &sm.kq.k[s][s0]);
-    load_vec(kk, &sm.kq.kk[s][s0]);
+    const Step st = load_step(s, rst_c, std::false_type{});
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
-      hn[0][j] = fmaf(step_decay<Tr, kRst>(delta.x, kk[j], a2[0][j], rs), hp[0][j], dxv.x * k[j]);
-      hn[1][j] = fmaf(step_decay<Tr, kRst>(delta.y, kk[j], a2[1][j], rs), hp[1][j], dxv.y * k[j]);
+      hn[0][j] = fmaf(step_decay<Tr, kRst>(st.delta.x, st.kk[j], a2[0][j], st.rs), hp[0][j], st.dxv.x * st.k[j]);
+      hn[1][j] = fmaf(step_decay<Tr, kRst>(st.delta.y, st.kk[j], a2[1][j], st.rs), hp[1][j], st.dxv.y * st.k[j]);
     }
   };
   auto store_ckpt = [&](float4* dst, const float (&v)[2][NS]) {
@@ -813,22 +830,15 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
   // h, P and Sb after step s of the tile (kCarry): P *= a, Sb += P gy qout, as the summary pass sums them.
   auto advance_carry = [&](int s, auto rst_c, float (&hc)[2][NS], float (&P)[2][NS], float (&Sb)[2][NS]) {
     constexpr bool kRst = decltype(rst_c)::value;
-    const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
-    const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
-    const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
-    const bool rs = kRst && sm.kq.rst[s] != 0;
-    float k[NS], kk[NS], q[NS];
-    load_vec(k, &sm.kq.k[s][s0]);
-    load_vec(kk, &sm.kq.kk[s][s0]);
-    load_vec(q, &sm.kq.q[s][s0]);
+    const Step st = load_step(s, rst_c, std::true_type{});
 #pragma unroll
     for (int j = 0; j < NS; ++j) {
 #pragma unroll
       for (int m = 0; m < 2; ++m) {
-        const float a = step_decay<Tr, kRst>(m ? delta.y : delta.x, kk[j], a2[m][j], rs);
-        hc[m][j] = fmaf(a, hc[m][j], (m ? dxv.y : dxv.x) * k[j]);
+        const float a = step_decay<Tr, kRst>(m ? st.delta.y : st.delta.x, st.kk[j], a2[m][j], st.rs);
+        hc[m][j] = fmaf(a, hc[m][j], (m ? st.dxv.y : st.dxv.x) * st.k[j]);
         P[m][j] *= a;
-        Sb[m][j] = fmaf(P[m][j], (m ? gy.y : gy.x) * q[j], Sb[m][j]);
+        Sb[m][j] = fmaf(P[m][j], (m ? st.gy.y : st.gy.x) * st.q[j], Sb[m][j]);
       }
     }
   };
@@ -930,6 +940,8 @@ __global__ void __launch_bounds__(kThreads, kBwdBlocksPerSm) bwd_kernel(const Sc
 #pragma unroll
           for (int i = kBwdPart - 1; i >= 0; --i) {
             const int s = base + i;
+            // load_step's loads, written out: through its Step struct nvcc 13.0 schedules this loop
+            // differently (Mamba's bf16 instance: 80 more instructions).
             const float2 delta = *reinterpret_cast<const float2*>(&sm.delta[s][cl]);
             const float2 dxv = *reinterpret_cast<const float2*>(&sm.dxv[s][cl]);
             const float2 gy = *reinterpret_cast<const float2*>(&sm.gy[s][cl]);
