@@ -145,19 +145,15 @@ class ScanOp:
         self._params = list(inspect.signature(reference).parameters)
         schema = _with_residual(torch.library.infer_schema(reference, mutates_args=()))
 
-        def reference_and_no_residual(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
-            return (*reference(*args, **kwargs), _no_residual(args))
-
         def fake_and_residual(*args: Any, **kwargs: Any) -> tuple[Tensor, ...]:
             backend = self.select_backend(self._device_type(args))
             if backend is not None and backend.residual is not None:
                 return (*fake(*args, **kwargs), backend.residual(*args, **kwargs))
             return (*fake(*args, **kwargs), _no_residual(args))
 
-        self.op = torch.library.custom_op(qualname, reference_and_no_residual, mutates_args=(), schema=schema)
+        # One implementation for every device: the selected backend, else the reference.
+        self.op = torch.library.custom_op(qualname, self._dispatch, mutates_args=(), schema=schema)
         self.op.register_fake(fake_and_residual)
-        for device_type in ("cpu", "cuda"):  # the reference unless a backend for the device is selected
-            self.op.register_kernel(device_type)(self._dispatch)
         self.op.register_autograd(self._backward, setup_context=self._setup_context)
         _SCAN_OP_NAMES.add(qualname)
 

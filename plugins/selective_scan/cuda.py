@@ -188,21 +188,25 @@ def fwd_lanes(batch: int, seqlen: int, channels: int) -> int:
     return _fwd_launch(batch, seqlen, channels, _sms())[0]
 
 
+def _bwd_len(batch: int, seqlen: int, channels: int, sms: int) -> int:
+    """The backward's chunk length (its blocks hold kBwdBlockChannels = 64 channels)."""
+    return _chunk_length(seqlen, _nchunks(batch, seqlen, channels, 64, TUNING["bwd_blocks_per_sm"], sms))
+
+
 def chunk_lengths(batch: int, seqlen: int, channels: int) -> tuple[int, int]:
     """(forward, backward) chunk lengths in steps: enough chunks to fill the GPU, multiples of the tile."""
     sms = _sms()
-    bwd = _nchunks(batch, seqlen, channels, 64, TUNING["bwd_blocks_per_sm"], sms)  # kBwdBlockChannels
-    return _fwd_launch(batch, seqlen, channels, sms)[1], _chunk_length(seqlen, bwd)
+    return _fwd_launch(batch, seqlen, channels, sms)[1], _bwd_len(batch, seqlen, channels, sms)
 
 
 def _supported(x: Tensor, kin: Tensor) -> bool:
     return x.is_cuda and x.dtype in (torch.float32, torch.float16, torch.bfloat16) and kin.shape[-1] == STATE_SIZE
 
 
-def _entry_len(batch: int, seqlen: int, channels: int) -> int:
+def _entry_len(batch: int, seqlen: int, channels: int, sms: int) -> int:
     """The backward's chunk length where it splits time (the forward then saves the state entering each
     of its chunks, so the backward needs no summary pass), else 0."""
-    bwd_len = chunk_lengths(batch, seqlen, channels)[1]
+    bwd_len = _bwd_len(batch, seqlen, channels, sms)
     return bwd_len if bwd_len < seqlen and TUNING["entry_states"] else 0
 
 
@@ -210,7 +214,7 @@ def entry_states_like(x: Tensor, kin: Tensor) -> Tensor:
     """An empty tensor like the entry states that the forward saves for the backward (the backend's
     residual): (B, chunks, C, N) float32, or no elements where the backward runs in one chunk."""
     b, t, c = (int(d) for d in x.shape)
-    entry = _entry_len(b, t, c) if _supported(x, kin) else 0
+    entry = _entry_len(b, t, c, _sms()) if _supported(x, kin) else 0
     shape = (b, -(-t // entry), c, STATE_SIZE) if entry else (0,)
     return x.new_empty(shape, dtype=torch.float32)
 
@@ -237,9 +241,10 @@ def _run_fwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset) -> tuple[Tensor, T
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
     b, t, c = x.shape
-    lanes, fwd_len = _fwd_launch(b, t, c, _sms())
+    sms = _sms()
+    lanes, fwd_len = _fwd_launch(b, t, c, sms)
     return tuple(load_extension().scan_fwd(kind, x, dt, kin, qout, A, D, z, h0, reset, lanes, fwd_len,
-                                           _entry_len(b, t, c)))
+                                           _entry_len(b, t, c, sms)))
 
 
 def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, entry_states=None) -> list[Tensor]:
@@ -248,7 +253,7 @@ def _run_bwd(kind: int, x, dt, kin, qout, A, D, z, h0, reset, dy, dhT, entry_sta
     x, dt, kin, qout, D, z, h0, reset = _prep(x, dt, kin, qout, D, z, h0, reset)
     A = None if A is None else A.float().contiguous()
     b, t, c = x.shape
-    _, bwd_len = chunk_lengths(b, t, c)
+    bwd_len = _bwd_len(b, t, c, _sms())
     if entry_states is not None and tuple(entry_states.shape) != (b, -(-t // bwd_len), c, STATE_SIZE):
         entry_states = None
     dy = dy.to(x.dtype)
